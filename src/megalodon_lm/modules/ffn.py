@@ -1,0 +1,36 @@
+"""Normalised feed-forward network (reference-spec §5) with the two-hop residual."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .norms import LayerNorm
+
+
+class NormalizedFeedForwardNetwork(nn.Module):
+    """out = residual + dropout(FFN(LayerNorm(y))) [* alpha]; residual is the *block input*, not y."""
+
+    def __init__(self, cfg, layer_id: int) -> None:
+        super().__init__()
+        D, F_ = cfg.model_dim, cfg.ffn_hidden_dim
+        self.swiglu, self.hidden_dropout, self.dropout = cfg.swiglu, cfg.hidden_dropout, cfg.dropout
+        self.norm = LayerNorm(D, cfg.norm_eps, affine=cfg.norm_affine)
+        self.fc1 = nn.Linear(D, F_, bias=False)
+        self.fc2 = nn.Linear(F_, D, bias=False)
+        self.fc3 = nn.Linear(D, F_, bias=False) if cfg.swiglu else None
+        # Layer-scale 0.1 * 0.5^layer_id (reference §1.6), only with rescale_nffn.
+        self.alpha = nn.Parameter(torch.full((D,), 0.1 * 0.5**layer_id)) if cfg.rescale_nffn else None
+
+    def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """y: (B, L, D) output of the MEGA sub-layer; residual: (B, L, D) block input."""
+        u = self.norm(y)
+        hidden = F.silu(self.fc1(u))
+        if self.fc3 is not None:
+            hidden = hidden * self.fc3(u)
+        out = self.fc2(F.dropout(hidden, self.hidden_dropout, self.training))
+        out = F.dropout(out, self.dropout, self.training)
+        if self.alpha is not None:
+            out = out * self.alpha
+        return residual + out

@@ -1,0 +1,156 @@
+"""Fast chunk attention with a streaming cache, on `scaled_dot_product_attention`.
+
+Training/prefill: (B, L) is folded into (B * L/C, C) chunks (the last one padded at its end; padding
+follows every real query, so causality hides it) and one SDPA call with is_causal=True runs them all.
+
+Streaming (docs/algorithms.md §3): a row whose stream is at offset o inside a chunk (o = position mod C)
+holds the rotated keys/values of the o tokens of that chunk. A new piece is cut at the chunk boundary:
+its first C - o tokens attend to [cache; themselves] with a causal mask aligned bottom-right (query i
+sees keys 0 .. o + i; SDPA's is_causal would align top-left), the rest is ordinary chunk attention,
+and the tokens of the last, partial chunk become the new cache. Chunks never interact, exactly as in a
+whole-sequence forward, so every split gives the same result. Rows at different offsets are processed
+in groups of equal offset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..rope import apply_rope
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, **kw) -> torch.Tensor:
+    """(N, L, H, d) layout in and out; no 1/sqrt(d) scaling (it is folded into the q/k affine)."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, scale=1.0, **kw
+    )
+    return out.transpose(1, 2)
+
+
+def _attend_from_offset(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_k: torch.Tensor | None,
+    cache_v: torch.Tensor | None,
+    offset: int,
+    chunk_size: int,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Rotated q, k and v (B, L, H, .) of a piece that starts `offset` tokens into a chunk."""
+    B, L, H, _ = q.shape
+    C = chunk_size
+    outs = []
+    if offset > 0 and L > 0:
+        m = min(L, C - offset)
+        n = 0 if cache_k is None else cache_k.shape[1]
+        kh = k[:, :m] if n == 0 else torch.cat([cache_k, k[:, :m]], dim=1)
+        vh = v[:, :m] if n == 0 else torch.cat([cache_v, v[:, :m]], dim=1)
+        if m == 1:  # a single query sees every cached key: no mask needed
+            outs.append(_sdpa(q[:, :1], kh, vh, dropout_p))
+        else:
+            mask = torch.ones(m, n + m, dtype=torch.bool, device=q.device).tril(diagonal=n)
+            outs.append(_sdpa(q[:, :m], kh, vh, dropout_p, attn_mask=mask))
+        q, k, v = q[:, m:], k[:, m:], v[:, m:]
+    Lb = q.shape[1]
+    if Lb > 0:
+        if Lb <= C:
+            outs.append(_sdpa(q, k, v, dropout_p, is_causal=True))
+        else:
+            nc = -(-Lb // C)
+            pad = nc * C - Lb
+
+            def fold(t: torch.Tensor) -> torch.Tensor:
+                return F.pad(t, (0, 0, 0, 0, 0, pad)).reshape(B * nc, C, H, t.shape[-1])
+
+            o = _sdpa(fold(q), fold(k), fold(v), dropout_p, is_causal=True)
+            outs.append(o.reshape(B, nc * C, H, -1)[:, :Lb])
+    return torch.cat(outs, dim=1) if len(outs) != 1 else outs[0]
+
+
+def _tail_cache(
+    cache: torch.Tensor | None, new: torch.Tensor, offset: int, lengths: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Keys or values of each row's last, partial chunk after this piece: (B, r_max, H, d).
+
+    Row b ends at chunk-relative position offset + lengths[b]; it keeps the r_b = end mod C tokens
+    before that (zero-filled beyond r_b). Padding after a row's real tokens is never kept.
+    """
+    B, _, H, d = new.shape
+    n = 0 if cache is None else cache.shape[1]
+    full = new if n == 0 else torch.cat([cache, new], dim=1)
+    base = offset - n  # chunk-relative position of full[:, 0]
+    ends = offset + lengths
+    starts = torch.maximum((ends // chunk_size) * chunk_size, torch.full_like(ends, base))
+    r = ends - starts
+    r_max = int(r.max()) if B > 0 else 0
+    if r_max == 0:
+        return new.new_zeros(B, 0, H, d)
+    j = torch.arange(r_max, device=new.device)
+    idx = (starts - base).unsqueeze(1) + j  # (B, r_max)
+    keep = j.unsqueeze(0) < r.unsqueeze(1)
+    idx = torch.where(keep, idx, torch.zeros_like(idx)).clamp(max=full.shape[1] - 1)
+    out = full.gather(1, idx.view(B, r_max, 1, 1).expand(B, r_max, H, d))
+    return out * keep.view(B, r_max, 1, 1).to(out.dtype)
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    freqs: torch.Tensor,
+    chunk_size: int,
+    offsets: torch.Tensor | None = None,
+    cache_k: torch.Tensor | None = None,
+    cache_v: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    need_cache: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Block-diagonal causal attention with chunk-local RoPE and an optional streaming cache.
+
+    q, k: (B, L, H, dz) un-rotated; v: (B, L, H, dv); freqs: (dz/2,) RoPE inverse frequencies.
+    offsets: (B,) int64 position of each row inside its current chunk (zeros if None).
+    cache_k/cache_v: (B, n, H, dz|dv) rotated keys/values of each row's current chunk; row b uses the
+    first offsets[b] of them. lengths: (B,) real tokens per row in this piece (right padding).
+    Returns out (B, L, H, dv) and, if need_cache, the new cache (B, r, H, .) for the next piece.
+    """
+    B, L = q.shape[:2]
+    C = chunk_size
+    if offsets is None:
+        offsets = torch.zeros(B, dtype=torch.long, device=q.device)
+    if lengths is None:
+        lengths = torch.full((B,), L, dtype=torch.long, device=q.device)
+    groups = [(int(o), None) for o in offsets[:1].tolist()] if bool((offsets == offsets[0]).all()) else [
+        (int(o), (offsets == o).nonzero().view(-1)) for o in torch.unique(offsets).tolist()
+    ]
+    out = None if len(groups) == 1 else q.new_empty(B, L, v.shape[2], v.shape[3])
+    tails: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+    for o, rows in groups:
+        def sel(t: torch.Tensor | None, rows=rows) -> torch.Tensor | None:
+            return t if (t is None or rows is None) else t[rows]
+
+        pos = (o + torch.arange(L, device=q.device)) % C
+        qr, kr = apply_rope(sel(q), pos, freqs), apply_rope(sel(k), pos, freqs)
+        ck = None if (cache_k is None or o == 0) else sel(cache_k)[:, :o]
+        cv = None if (cache_v is None or o == 0) else sel(cache_v)[:, :o]
+        og = _attend_from_offset(qr, kr, sel(v), ck, cv, o, C, dropout_p)
+        if rows is None:
+            out = og
+        else:
+            out = out.index_copy(0, rows, og)
+        if need_cache:
+            ln = sel(lengths)
+            tails.append((rows, _tail_cache(ck, kr, o, ln, C), _tail_cache(cv, sel(v), o, ln, C)))
+    if not need_cache:
+        return out, None, None
+    if len(tails) == 1:
+        return out, tails[0][1], tails[0][2]
+    r_max = max(t[1].shape[1] for t in tails)
+    new_k = q.new_zeros(B, r_max, k.shape[2], k.shape[3])
+    new_v = q.new_zeros(B, r_max, v.shape[2], v.shape[3])
+    for rows, tk, tv in tails:
+        new_k = new_k.index_copy(0, rows, F.pad(tk, (0, 0, 0, 0, 0, r_max - tk.shape[1])))
+        new_v = new_v.index_copy(0, rows, F.pad(tv, (0, 0, 0, 0, 0, r_max - tv.shape[1])))
+    return out, new_k, new_v

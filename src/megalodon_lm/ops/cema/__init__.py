@@ -1,0 +1,41 @@
+"""CEMA (complex exponential moving average) ops: coefficients, naive reference, fast paths, dispatch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .chunk import cema_chunked
+from .coefficients import CemaCoefficients, cema_coefficients
+from .fft import cema_fft
+from .naive import cema_naive
+
+__all__ = ["CemaCoefficients", "cema", "cema_chunked", "cema_coefficients", "cema_fft", "cema_naive"]
+
+# Inputs this short run the exact step-by-step recurrence: cheaper than building block operators.
+RECURRENT_MAX_LEN = 2
+
+
+def cema(
+    x: torch.Tensor,
+    coef: CemaCoefficients,
+    h0: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    need_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatching CEMA. x: (B, L, D) -> (y (B, L, D), final state (B, D, N) complex or None).
+
+    MEGALODON_CEMA_IMPL=naive|chunk forces a path (default: recurrent for L <= 2, chunked scan else).
+    """
+    impl = os.environ.get("MEGALODON_CEMA_IMPL", "auto")
+    L = x.shape[1]
+    if impl == "naive" or (impl == "auto" and L <= RECURRENT_MAX_LEN):
+        valid = None
+        if lengths is not None:
+            valid = torch.arange(L, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
+        y, h = cema_naive(x, coef, h0, valid)
+        return y, (h if need_state else None)
+    if impl not in ("auto", "chunk"):
+        raise ValueError(f"MEGALODON_CEMA_IMPL must be 'auto', 'naive' or 'chunk', got {impl!r}")
+    return cema_chunked(x, coef, h0, lengths, need_state)

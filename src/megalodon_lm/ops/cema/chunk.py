@@ -1,0 +1,139 @@
+"""Loop-free CEMA: a chunked scan of small matrix products (see docs/algorithms.md §1, docs/cema.md).
+
+Time is cut into blocks of T tokens. Per channel, with H_b the complex state entering block b:
+
+    y[bT+i]  = sum_{j<=i} k_{i-j} x[bT+j]  +  Re(sum_n eta_n q_n^{i+1} H_b,n)  +  omega x[bT+i]
+    H_{b+1}  = q^T * H_b + sum_j p q^{T-1-j} x[bT+j]                     k_m = Re(sum_n eta_n p_n q_n^m)
+
+The first two terms are one batched matmul per channel against [Toeplitz(k) | W] of shape
+(T, T + 2N); the block contributions are one matmul against V (2N, T); the block states come from a
+log-depth (Hillis-Steele) scan over L/T blocks. Memory is O(B*D*L + D*T*(T+2N)) plus the block states
+(B*D*N*L/T complex); nothing of size D*N*L is ever built. Autograd differentiates all of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._dtypes import complex_dtype
+from .coefficients import CemaCoefficients
+
+DEFAULT_BLOCK = 64
+
+
+def _as_real_stack(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """Complex tensor -> its real and imaginary parts concatenated along `dim`."""
+    return torch.cat([z.real, z.imag], dim=dim)
+
+
+def _scan_blocks(u: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """Inclusive scan S_b = sum_{b' <= b} a^(b-b') U_b' along the last axis (Hillis-Steele).
+
+    u: (D, N, B, nb) complex; log_decay: (D, N) complex, log a. log2(nb) elementwise steps.
+    """
+    nb = u.shape[-1]
+    s = u
+    step = 1
+    while step < nb:
+        a_step = torch.exp(log_decay * step).unsqueeze(-1).unsqueeze(-1)  # (D, N, 1, 1)
+        shifted = a_step * s[..., : nb - step]
+        s = torch.cat([s[..., :step], s[..., step:] + shifted], dim=-1)
+        step *= 2
+    return s
+
+
+def cema_chunked(
+    x: torch.Tensor,
+    coef: CemaCoefficients,
+    h0: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    need_state: bool = False,
+    block_size: int = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: (B, L, D) -> (y (B, L, D) in x's dtype, final state (B, D, N) complex or None).
+
+    h0: (B, D, N) complex state entering the segment (zeros if None).
+    lengths: (B,) number of real tokens per row (right padding); the final state is taken after
+    each row's last real token. Outputs at padded positions are meaningless. None = all L.
+    need_state: compute and return the final state (skipped otherwise: it is only for streaming).
+    """
+    B, L, D = x.shape
+    dt = coef.p.dtype
+    N = coef.p.shape[1]
+    T = max(1, min(block_size, L))
+    nb = -(-L // T)
+    pad = nb * T - L
+    xf = x.to(dt)
+    # (D, T, B*nb): channels are the batch of the matmuls.
+    xb = F.pad(xf, (0, 0, 0, pad)).view(B, nb, T, D).permute(3, 2, 0, 1).reshape(D, T, B * nb)
+
+    idx = torch.arange(T + 1, device=x.device)
+    qpow = coef.powers(idx)  # (D, N, T+1): q^0 .. q^T
+    epq = coef.eta.unsqueeze(-1) * coef.p.unsqueeze(-1) * qpow[..., :T]  # eta p q^m
+    kvec = epq.real.sum(1)  # (D, T): k_m
+    lag = idx[:T].view(T, 1) - idx[:T].view(1, T)
+    toeplitz = kvec[:, lag.clamp(min=0)] * (lag >= 0).to(dt)  # (D, T, T)
+
+    log_decay = coef.log_q * T
+    v_blk = coef.p.unsqueeze(-1) * qpow[..., :T].flip(-1)  # (D, N, T): p q^(T-1-j)
+    u = torch.bmm(_as_real_stack(v_blk, 1), xb)  # (D, 2N, B*nb)
+    u = torch.complex(u[:, :N], u[:, N:]).view(D, N, B, nb)
+    if nb > 1:
+        s = _scan_blocks(u[..., :-1], log_decay)
+        h_in = torch.cat([torch.zeros_like(u[..., :1]), s], dim=-1)  # state entering each block
+    else:
+        h_in = torch.zeros_like(u)
+    if h0 is not None:
+        blocks = torch.arange(nb, device=x.device, dtype=dt)
+        carry = torch.exp(log_decay.unsqueeze(-1) * blocks)  # (D, N, nb)
+        h_in = h_in + carry.unsqueeze(2) * h0.to(h_in.dtype).permute(1, 2, 0).unsqueeze(-1)
+
+    w_out = coef.eta.unsqueeze(-1) * qpow[..., 1:]  # (D, N, T): eta q^(i+1)
+    lhs = torch.cat([toeplitz, w_out.real.transpose(1, 2), -w_out.imag.transpose(1, 2)], dim=2)
+    rhs = torch.cat([xb, _as_real_stack(h_in.reshape(D, N, B * nb), 1)], dim=1)
+    y = torch.bmm(lhs, rhs)  # (D, T, B*nb)
+    y = y.view(D, T, B, nb).permute(2, 3, 1, 0).reshape(B, nb * T, D)[:, :L]
+    y = (y + coef.omega * xf).to(x.dtype)
+
+    if not need_state:
+        return y, None
+    return y, _final_state(xf, coef, qpow, h_in, h0, lengths, T)
+
+
+def _final_state(
+    xf: torch.Tensor,
+    coef: CemaCoefficients,
+    qpow: torch.Tensor,
+    h_in: torch.Tensor,
+    h0: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    T: int,
+) -> torch.Tensor:
+    """State after each row's last real token: q^(i+1) H_blk + sum_{j<=i} p q^(i-j) x[blk*T + j]."""
+    B, L, D = xf.shape
+    N = coef.p.shape[1]
+    cdt = complex_dtype(xf.dtype)
+    if lengths is None:
+        lengths = torch.full((B,), L, device=xf.device, dtype=torch.long)
+    last = (lengths - 1).clamp(min=0)
+    blk = last // T  # (B,)
+    i = last - blk * T  # (B,) index of the last real token inside its block
+    # Entering state of that block, per row: (B, D, N).
+    h_blk = h_in.permute(2, 3, 0, 1)[torch.arange(B, device=xf.device), blk]
+    j = torch.arange(T, device=xf.device)
+    pos = (blk * T).unsqueeze(1) + j  # (B, T) absolute positions of the block's tokens
+    xs = xf.gather(1, pos.clamp(max=L - 1).unsqueeze(-1).expand(B, T, D))  # (B, T, D)
+    expo = i.unsqueeze(1) - j  # (B, T): i - j, negative beyond the last token
+    keep = (expo >= 0).to(xf.dtype)
+    # p q^(i-j) for every row: (B, D, N, T), tiny (T tokens).
+    w = coef.p.unsqueeze(-1) * torch.exp(coef.log_q.unsqueeze(0).unsqueeze(-1) * expo.clamp(min=0).view(B, 1, 1, T))
+    w = w * keep.view(B, 1, 1, T)
+    h = torch.einsum("bdnt,btd->bdn", w, xs.to(cdt))
+    h = h + torch.exp(coef.log_q.unsqueeze(0) * (i + 1).view(B, 1, 1).to(xf.dtype)) * h_blk
+    if h0 is not None:
+        # Rows with no real token keep their incoming state.
+        h = torch.where((lengths > 0).view(B, 1, 1), h, h0.to(cdt))
+    else:
+        h = torch.where((lengths > 0).view(B, 1, 1), h, torch.zeros_like(h))
+    return h

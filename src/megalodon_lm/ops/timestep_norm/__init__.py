@@ -1,0 +1,35 @@
+"""Grouped, causal, stateful TimestepNorm ops: naive reference, loop-free fast path, dispatch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .naive import timestep_norm_naive
+from .prefix import timestep_norm_prefix
+
+__all__ = ["timestep_norm", "timestep_norm_naive", "timestep_norm_prefix"]
+
+
+def timestep_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatching TimestepNorm (see `timestep_norm_naive` for the contract).
+
+    MEGALODON_NORM_IMPL=naive|prefix forces a path (default: prefix sums).
+    """
+    impl = os.environ.get("MEGALODON_NORM_IMPL", "prefix")
+    if impl == "naive":
+        return timestep_norm_naive(x, weight, bias, num_groups, eps, count, mean, var, valid)
+    if impl != "prefix":
+        raise ValueError(f"MEGALODON_NORM_IMPL must be 'naive' or 'prefix', got {impl!r}")
+    return timestep_norm_prefix(x, weight, bias, num_groups, eps, count, mean, var, valid)

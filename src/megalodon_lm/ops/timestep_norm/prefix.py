@@ -1,0 +1,76 @@
+"""Loop-free TimestepNorm: shifted prefix sums accumulated in float64 (docs/algorithms.md §2).
+
+Per row and group, with per-token group mean m_t and population variance v_t, real-token weight w_t,
+prior (c0, mu0, var0) and a shift K (a value near the data: mu0, or the first real token's mean):
+
+    c_t   = c0 + sum_{s<=t} w_s
+    mu_t  = K + [c0 (mu0 - K) + sum w_s (m_s - K)] / c_t
+    var_t = [c0 (var0 + (mu0 - K)^2) + sum w_s (v_s + (m_s - K)^2)] / c_t - (mu_t - K)^2
+
+This is the pooled mean/variance of all scalars of the group, i.e. exactly the sequential Welford
+merges. Why it is stable: values are taken relative to K (no raw sum of squares of un-centred data)
+and the running sums are float64, which holds ~16 digits over any realistic length. The statistics
+tensors are (B, L, G), D/G times smaller than the activations, so float64 costs little.
+The result does not depend on K, so K is detached.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._dtypes import compute_dtype
+
+ACC = torch.float64
+
+
+def timestep_norm_prefix(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as `timestep_norm_naive`: x (B, L, D) -> y, count (B,), mean (B, G), var (B, G)."""
+    B, L, D = x.shape
+    G = num_groups
+    dt = compute_dtype(x, mean)
+    xg = x.to(dt).view(B, L, G, D // G)
+    m = xg.mean(-1)  # (B, L, G)
+    v = (xg - m.unsqueeze(-1)).pow(2).mean(-1)
+
+    c0 = count.to(ACC).view(B, 1, 1)
+    mu0 = mean.to(ACC).unsqueeze(1)  # (B, 1, G)
+    var0 = var.to(ACC).unsqueeze(1)
+    if valid is None:
+        w = torch.ones(B, L, 1, dtype=ACC, device=x.device)
+        first = torch.zeros(B, dtype=torch.long, device=x.device)
+    else:
+        w = valid.to(ACC).unsqueeze(-1)
+        first = valid.to(torch.int8).argmax(dim=1)  # first real token (0 if none)
+    with torch.no_grad():
+        k_first = m.detach().to(ACC).gather(1, first.view(B, 1, 1).expand(B, 1, G))
+        shift = torch.where(c0 > 0, mu0, k_first)  # (B, 1, G)
+
+    dm = m.to(ACC) - shift
+    c = c0 + torch.cumsum(w, dim=1)  # (B, L, 1)
+    safe = c.clamp(min=1.0)
+    s1 = c0 * (mu0 - shift) + torch.cumsum(w * dm, dim=1)
+    s2 = c0 * (var0 + (mu0 - shift).pow(2)) + torch.cumsum(w * (v.to(ACC) + dm.pow(2)), dim=1)
+    centred_mean = s1 / safe
+    mu = shift + centred_mean
+    var_t = (s2 / safe - centred_mean.pow(2)).clamp(min=0.0)
+
+    y = (xg - mu.to(dt).unsqueeze(-1)) * torch.rsqrt(var_t.to(dt).unsqueeze(-1) + eps)
+    y = y.reshape(B, L, D) * (weight.to(dt) + 1) + bias.to(dt)
+    if valid is not None:
+        y = y * valid.unsqueeze(-1).to(dt)
+
+    c_end = c[:, -1, 0] if L > 0 else c0.view(B)
+    seen = (c_end > c0.view(B)).view(B, 1)
+    mu_end = torch.where(seen, mu[:, -1] if L > 0 else mean.to(ACC), mean.to(ACC))
+    var_end = torch.where(seen, var_t[:, -1] if L > 0 else var.to(ACC), var.to(ACC))
+    return y.to(x.dtype), c_end.round().to(torch.long), mu_end.to(mean.dtype), var_end.to(var.dtype)
