@@ -86,7 +86,9 @@ class MegalodonConfig:
         if isinstance(self.output_size, bool) or not isinstance(self.output_size, int):
             raise TypeError(f"MegalodonConfig.output_size must be an int, got {self.output_size!r}")
         if self.output_size != -1 and self.output_size <= 0:
-            raise ValueError(f"MegalodonConfig.output_size must be -1 (= vocab_size) or positive, got {self.output_size}")
+            raise ValueError(
+                f"MegalodonConfig.output_size must be -1 (= vocab_size) or positive, got {self.output_size}"
+            )
         if self.z_dim % self.num_heads:
             raise ValueError(f"z_dim ({self.z_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.value_dim % self.num_heads:
@@ -110,7 +112,9 @@ class MegalodonConfig:
         if self.init_mode not in INIT_MODES:
             raise ValueError(f"MegalodonConfig.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
         if self.efficient_attn not in EFFICIENT_ATTN:
-            raise ValueError(f"MegalodonConfig.efficient_attn must be one of {EFFICIENT_ATTN}, got {self.efficient_attn!r}")
+            raise ValueError(
+                f"MegalodonConfig.efficient_attn must be one of {EFFICIENT_ATTN}, got {self.efficient_attn!r}"
+            )
         for name in ("norm_affine", "swiglu", "rescale_nffn", "scale_emb", "share_emb", "layerwise_ckpt"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MegalodonConfig.{name} must be a bool, got {getattr(self, name)!r}")

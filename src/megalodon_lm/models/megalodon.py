@@ -87,9 +87,13 @@ class MegalodonLM(nn.Module):
         init_embedding(self.embed.weight, cfg.model_dim)
         if self.output.output is not None:
             init_embedding(self.output.output.weight, cfg.model_dim)
-        for module in self.layers.modules():
-            if isinstance(module, nn.Linear):
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module is not self.output.output:
                 init_linear(module, cfg.init_mode)
+            elif module is not self and hasattr(module, "reset_parameters") and not isinstance(
+                module, (nn.Linear, nn.Embedding)
+            ):
+                module.reset_parameters()
 
     def _drop_tied_output(self, state_dict, prefix, *args) -> None:
         """A tied reference checkpoint may carry the shared matrix twice; keep the embedding's copy."""

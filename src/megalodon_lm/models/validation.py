@@ -73,7 +73,8 @@ def check_state(state: StreamState, cfg: MegalodonConfig, batch_size: int, devic
                 raise ValueError(f"state layer {i} {what} has shape {tuple(t.shape)}, this model needs {shape} "
                                  "(a state from another config?)")
         k, v = ls.attn_k, ls.attn_v
-        if k.dim() != 4 or tuple(k.shape[::2]) != (B, H) or k.shape[3] != dz or tuple(v.shape) != (B, k.shape[1], H, dv):
+        bad_k = k.dim() != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (B, H, dz)
+        if bad_k or tuple(v.shape) != (B, k.shape[1], H, dv):
             raise ValueError(f"state layer {i} attention cache has shapes {tuple(k.shape)}/{tuple(v.shape)}, this "
                              f"model needs (B={B}, n, H={H}, {dz}) and (B, n, H, {dv})")
         if k.shape[1] < max_offset or k.shape[1] >= cfg.chunk_size:

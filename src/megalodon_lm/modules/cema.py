@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops.cema import cema, cema_coefficients
+from ..ops.cema import CemaCoefficients, cema, cema_coefficients
 
 
 class ComplexEMA(nn.Module):
@@ -25,6 +25,7 @@ class ComplexEMA(nn.Module):
         self.theta = nn.Parameter(torch.empty(dim, 1, 1))
         self.gamma = nn.Parameter(torch.empty(dim, ndim, 2))
         self.omega = nn.Parameter(torch.empty(dim, 1))
+        self._coef_cache: tuple[tuple, CemaCoefficients] | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -41,8 +42,17 @@ class ComplexEMA(nn.Module):
         self.gamma[..., 1].zero_()
         nn.init.trunc_normal_(self.omega, mean=0.0, std=0.25, a=-1.0, b=1.0)
 
-    def coefficients(self):
-        return cema_coefficients(self.alpha, self.delta, self.theta, self.gamma, self.omega)
+    def coefficients(self) -> CemaCoefficients:
+        """(p, log q, eta, omega). Cached while gradients are off (decoding), keyed on the parameters'
+        storage and in-place version counters, so an optimizer step or a load refreshes it (the
+        reference's eval-mode cache goes stale instead)."""
+        params = (self.alpha, self.delta, self.theta, self.gamma, self.omega)
+        if torch.is_grad_enabled():
+            return cema_coefficients(*params)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._coef_cache is None or self._coef_cache[0] != key:
+            self._coef_cache = (key, cema_coefficients(*params))
+        return self._coef_cache[1]
 
     def forward(
         self,

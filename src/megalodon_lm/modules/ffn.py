@@ -21,7 +21,14 @@ class NormalizedFeedForwardNetwork(nn.Module):
         self.fc2 = nn.Linear(F_, D, bias=False)
         self.fc3 = nn.Linear(D, F_, bias=False) if cfg.swiglu else None
         # Layer-scale 0.1 * 0.5^layer_id (reference §1.6), only with rescale_nffn.
-        self.alpha = nn.Parameter(torch.full((D,), 0.1 * 0.5**layer_id)) if cfg.rescale_nffn else None
+        self.layer_id = layer_id
+        self.alpha = nn.Parameter(torch.empty(D)) if cfg.rescale_nffn else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.alpha is not None:
+            self.alpha.fill_(0.1 * 0.5**self.layer_id)
 
     def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """y: (B, L, D) output of the MEGA sub-layer; residual: (B, L, D) block input."""

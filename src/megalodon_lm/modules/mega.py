@@ -56,6 +56,12 @@ class MovingAverageGatedAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(2, Z))  # q/k plus-one scales (row 0 = query, 1 = key)
         self.beta = nn.Parameter(torch.zeros(2, Z))  # q/k offsets
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """q/k affine offsets start at 0 (sub-modules reset themselves)."""
+        self.gamma.zero_()
+        self.beta.zero_()
+
     def forward(
         self, x: torch.Tensor, state: MegaLayerState | None, info: StreamInfo, freqs: torch.Tensor
     ) -> tuple[torch.Tensor, MegaLayerState | None]:

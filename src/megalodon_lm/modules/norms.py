@@ -15,6 +15,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim)) if affine else None
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            self.weight.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -32,6 +37,12 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight + 1

@@ -27,6 +27,12 @@ class TimestepNorm(nn.Module):
         self.register_buffer("prior_mean", torch.zeros(num_groups))
         self.register_buffer("prior_logv", torch.zeros(num_groups))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Plus-one scale offset and bias start at 0 (the priors are buffers and stay as they are)."""
+        self.weight.zero_()
+        self.bias.zero_()
+
     def initial_stats(self, batch_size: int) -> NormStats:
         """The prior as a per-row state; statistics in float32 (float64 for a float64 module)."""
         dt = compute_dtype(self.weight)

@@ -118,6 +118,8 @@ def chunk_attention(
     """
     B, L = q.shape[:2]
     C = chunk_size
+    if L == 0:
+        return v.new_zeros(B, 0, *v.shape[2:]), cache_k, cache_v
     if offsets is None:
         offsets = torch.zeros(B, dtype=torch.long, device=q.device)
     if lengths is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .._dtypes import compute_dtype
-from ..rope import apply_rope
 
 
 def _rope_naive(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,14 @@ def cema(
     MEGALODON_CEMA_IMPL=naive|chunk forces a path (default: recurrent for L <= 2, chunked scan else).
     """
     impl = os.environ.get("MEGALODON_CEMA_IMPL", "auto")
+    # Under bf16 autocast the block matmuls would run in bf16; CEMA stays in fp32 (reference §2.9).
+    with torch.autocast(x.device.type, enabled=False):
+        return _dispatch(impl, x, coef, h0, lengths, need_state)
+
+
+def _dispatch(impl, x, coef, h0, lengths, need_state):
     L = x.shape[1]
-    if impl == "naive" or (impl == "auto" and L <= RECURRENT_MAX_LEN):
+    if impl == "naive" or (impl == "auto" and L <= RECURRENT_MAX_LEN):  # also handles L == 0
         valid = None
         if lengths is not None:
             valid = torch.arange(L, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)

@@ -22,23 +22,23 @@ from .coefficients import CemaCoefficients
 DEFAULT_BLOCK = 64
 
 
-def _as_real_stack(z: torch.Tensor, dim: int) -> torch.Tensor:
-    """Complex tensor -> its real and imaginary parts concatenated along `dim`."""
-    return torch.cat([z.real, z.imag], dim=dim)
+def _interleave(z: torch.Tensor) -> torch.Tensor:
+    """Complex (..., N) -> real (..., 2N) as [re_0, im_0, re_1, im_1, ...] (a zero-copy view)."""
+    return torch.view_as_real(z).flatten(-2)
 
 
 def _scan_blocks(u: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """Inclusive scan S_b = sum_{b' <= b} a^(b-b') U_b' along the last axis (Hillis-Steele).
+    """Inclusive scan S_b = sum_{b' <= b} a^(b-b') U_b' along axis 2 (Hillis-Steele).
 
-    u: (D, N, B, nb) complex; log_decay: (D, N) complex, log a. log2(nb) elementwise steps.
+    u: (D, B, nb, N) complex; log_decay: (D, N) complex, log a. log2(nb) elementwise steps.
     """
-    nb = u.shape[-1]
+    nb = u.shape[2]
     s = u
     step = 1
     while step < nb:
-        a_step = torch.exp(log_decay * step).unsqueeze(-1).unsqueeze(-1)  # (D, N, 1, 1)
-        shifted = a_step * s[..., : nb - step]
-        s = torch.cat([s[..., :step], s[..., step:] + shifted], dim=-1)
+        a_step = torch.exp(log_decay * step).unsqueeze(1).unsqueeze(1)  # (D, 1, 1, N)
+        shifted = a_step * s[:, :, : nb - step]
+        s = torch.cat([s[:, :, :step], s[:, :, step:] + shifted], dim=2)
         step *= 2
     return s
 
@@ -65,46 +65,47 @@ def cema_chunked(
     nb = -(-L // T)
     pad = nb * T - L
     xf = x.to(dt)
-    # (D, T, B*nb): channels are the batch of the matmuls.
-    xb = F.pad(xf, (0, 0, 0, pad)).view(B, nb, T, D).permute(3, 2, 0, 1).reshape(D, T, B * nb)
+    # Channels lead so that they are the batch of every matmul: (D, B*nb, T).
+    xb = F.pad(xf, (0, 0, 0, pad)).view(B * nb, T, D).permute(2, 0, 1).contiguous()
 
     idx = torch.arange(T + 1, device=x.device)
     qpow = coef.powers(idx)  # (D, N, T+1): q^0 .. q^T
-    epq = coef.eta.unsqueeze(-1) * coef.p.unsqueeze(-1) * qpow[..., :T]  # eta p q^m
-    kvec = epq.real.sum(1)  # (D, T): k_m
-    lag = idx[:T].view(T, 1) - idx[:T].view(1, T)
-    toeplitz = kvec[:, lag.clamp(min=0)] * (lag >= 0).to(dt)  # (D, T, T)
+    kvec = (coef.eta.unsqueeze(-1) * coef.p.unsqueeze(-1) * qpow[..., :T]).real.sum(1)  # (D, T): k_m
+    lag = idx[:T].view(1, T) - idx[:T].view(T, 1)  # [j, i] -> i - j
+    toeplitz_t = kvec[:, lag.clamp(min=0)] * (lag >= 0).to(dt)  # (D, T_j, T_i) = K^T
 
+    # Block contributions U_b = sum_j p q^(T-1-j) x_j, interleaved re/im: (D, B*nb, 2N).
+    v_blk = coef.p.unsqueeze(-1) * qpow[..., :T].flip(-1)  # (D, N, T)
+    u = torch.bmm(xb, _interleave(v_blk.transpose(1, 2)))
+    u = torch.view_as_complex(u.view(D, B, nb, N, 2))
     log_decay = coef.log_q * T
-    v_blk = coef.p.unsqueeze(-1) * qpow[..., :T].flip(-1)  # (D, N, T): p q^(T-1-j)
-    u = torch.bmm(_as_real_stack(v_blk, 1), xb)  # (D, 2N, B*nb)
-    u = torch.complex(u[:, :N], u[:, N:]).view(D, N, B, nb)
     if nb > 1:
-        s = _scan_blocks(u[..., :-1], log_decay)
-        h_in = torch.cat([torch.zeros_like(u[..., :1]), s], dim=-1)  # state entering each block
+        s = _scan_blocks(u[:, :, :-1], log_decay)
+        h_in = torch.cat([torch.zeros_like(u[:, :, :1]), s], dim=2)  # state entering each block
     else:
         h_in = torch.zeros_like(u)
     if h0 is not None:
         blocks = torch.arange(nb, device=x.device, dtype=dt)
-        carry = torch.exp(log_decay.unsqueeze(-1) * blocks)  # (D, N, nb)
-        h_in = h_in + carry.unsqueeze(2) * h0.to(h_in.dtype).permute(1, 2, 0).unsqueeze(-1)
+        carry = torch.exp(log_decay.unsqueeze(1) * blocks.view(nb, 1))  # (D, nb, N)
+        h_in = h_in + carry.unsqueeze(1) * h0.to(h_in.dtype).transpose(0, 1).unsqueeze(2)
 
+    # y = x K^T + Re(H W^T), one matmul: [x | H_re, H_im] @ [K^T ; W_re^T, -W_im^T].
     w_out = coef.eta.unsqueeze(-1) * qpow[..., 1:]  # (D, N, T): eta q^(i+1)
-    lhs = torch.cat([toeplitz, w_out.real.transpose(1, 2), -w_out.imag.transpose(1, 2)], dim=2)
-    rhs = torch.cat([xb, _as_real_stack(h_in.reshape(D, N, B * nb), 1)], dim=1)
-    y = torch.bmm(lhs, rhs)  # (D, T, B*nb)
-    y = y.view(D, T, B, nb).permute(2, 3, 1, 0).reshape(B, nb * T, D)[:, :L]
+    w_rows = torch.stack([w_out.real, -w_out.imag], dim=2).flatten(1, 2)  # (D, 2N, T) interleaved
+    rhs = torch.cat([toeplitz_t, w_rows], dim=1)  # (D, T + 2N, T)
+    lhs = torch.cat([xb, _interleave(h_in).reshape(D, B * nb, 2 * N)], dim=2)
+    y = torch.bmm(lhs, rhs)  # (D, B*nb, T)
+    y = y.view(D, B, nb * T).permute(1, 2, 0)[:, :L]
     y = (y + coef.omega * xf).to(x.dtype)
 
     if not need_state:
         return y, None
-    return y, _final_state(xf, coef, qpow, h_in, h0, lengths, T)
+    return y, _final_state(xf, coef, h_in, h0, lengths, T)
 
 
 def _final_state(
     xf: torch.Tensor,
     coef: CemaCoefficients,
-    qpow: torch.Tensor,
     h_in: torch.Tensor,
     h0: torch.Tensor | None,
     lengths: torch.Tensor | None,
@@ -112,7 +113,6 @@ def _final_state(
 ) -> torch.Tensor:
     """State after each row's last real token: q^(i+1) H_blk + sum_{j<=i} p q^(i-j) x[blk*T + j]."""
     B, L, D = xf.shape
-    N = coef.p.shape[1]
     cdt = complex_dtype(xf.dtype)
     if lengths is None:
         lengths = torch.full((B,), L, device=xf.device, dtype=torch.long)
@@ -120,7 +120,7 @@ def _final_state(
     blk = last // T  # (B,)
     i = last - blk * T  # (B,) index of the last real token inside its block
     # Entering state of that block, per row: (B, D, N).
-    h_blk = h_in.permute(2, 3, 0, 1)[torch.arange(B, device=xf.device), blk]
+    h_blk = h_in.permute(1, 2, 0, 3)[torch.arange(B, device=xf.device), blk]
     j = torch.arange(T, device=xf.device)
     pos = (blk * T).unsqueeze(1) + j  # (B, T) absolute positions of the block's tokens
     xs = xf.gather(1, pos.clamp(max=L - 1).unsqueeze(-1).expand(B, T, D))  # (B, T, D)

@@ -36,6 +36,8 @@ def timestep_norm_prefix(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as `timestep_norm_naive`: x (B, L, D) -> y, count (B,), mean (B, G), var (B, G)."""
     B, L, D = x.shape
+    if L == 0:
+        return x.new_zeros(B, 0, D), count, mean, var
     G = num_groups
     dt = compute_dtype(x, mean)
     xg = x.to(dt).view(B, L, G, D // G)
@@ -69,8 +71,8 @@ def timestep_norm_prefix(
     if valid is not None:
         y = y * valid.unsqueeze(-1).to(dt)
 
-    c_end = c[:, -1, 0] if L > 0 else c0.view(B)
+    c_end = c[:, -1, 0]
     seen = (c_end > c0.view(B)).view(B, 1)
-    mu_end = torch.where(seen, mu[:, -1] if L > 0 else mean.to(ACC), mean.to(ACC))
-    var_end = torch.where(seen, var_t[:, -1] if L > 0 else var.to(ACC), var.to(ACC))
+    mu_end = torch.where(seen, mu[:, -1], mean.to(ACC))
+    var_end = torch.where(seen, var_t[:, -1], var.to(ACC))
     return y.to(x.dtype), c_end.round().to(torch.long), mu_end.to(mean.dtype), var_end.to(var.dtype)
