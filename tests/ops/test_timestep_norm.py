@@ -311,7 +311,7 @@ def test_bf16_input_float32_stats(impl):
 
 @pytest.mark.parametrize("impl", ["naive", "prefix", None])
 def test_dispatcher_honours_env(monkeypatch, impl):
-    """MEGALODON_NORM_IMPL=naive|prefix (default prefix) selects the path; unknown values raise."""
+    """MEGALODON_NORM_IMPL=naive|prefix (default prefix for L > 1) selects the path; unknown values raise."""
     mod = importlib.import_module("megalodon_lm.ops.timestep_norm")
     calls = []
     for name in ("naive", "prefix"):
@@ -331,6 +331,10 @@ def test_dispatcher_honours_env(monkeypatch, impl):
     out = timestep_norm(x, w, b, G, EPS, *zero_prior(B, G))
     assert calls == [impl or "prefix"]
     _assert_same(out, timestep_norm_naive(x, w, b, G, EPS, *zero_prior(B, G)))
+    if impl is None:  # a single token takes the Welford step by default
+        calls.clear()
+        timestep_norm(x[:, :1], w, b, G, EPS, *zero_prior(B, G))
+        assert calls == ["naive"]
     monkeypatch.setenv("MEGALODON_NORM_IMPL", "bogus")
     with pytest.raises(ValueError):
         timestep_norm(x, w, b, G, EPS, *zero_prior(B, G))

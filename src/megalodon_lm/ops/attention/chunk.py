@@ -77,10 +77,12 @@ def _tail_cache(
     Row b ends at chunk-relative position offset + lengths[b]; it keeps the r_b = end mod C tokens
     before that (zero-filled beyond r_b). Padding after a row's real tokens is never kept.
     """
-    B, _, H, d = new.shape
+    B, L, H, d = new.shape
     n = 0 if cache is None else cache.shape[1]
     full = new if n == 0 else torch.cat([cache, new], dim=1)
     base = offset - n  # chunk-relative position of full[:, 0]
+    if n == offset and bool((lengths == L).all()):  # no padding (decoding): a plain slice
+        return full[:, full.shape[1] - (offset + L) % chunk_size :]
     ends = offset + lengths
     starts = torch.maximum((ends // chunk_size) * chunk_size, torch.full_like(ends, base))
     r = ends - starts

@@ -23,10 +23,7 @@ class CemaCoefficients(NamedTuple):
     log_q: torch.Tensor  # (D, N) complex: log of the per-step decay/rotation
     eta: torch.Tensor  # (D, N) complex: output projection
     omega: torch.Tensor  # (D,) real: skip weight
-
-    @property
-    def q(self) -> torch.Tensor:
-        return torch.exp(self.log_q)
+    q: torch.Tensor  # (D, N) complex: exp(log_q), for the step-by-step recurrence
 
     def powers(self, exponents: torch.Tensor) -> torch.Tensor:
         """q ** exponents for a 1-D real tensor of exponents -> (D, N, len(exponents)) complex."""
@@ -55,4 +52,4 @@ def cema_coefficients(
     log_q = torch.complex(torch.log(magnitude), angle)
     g = gamma.to(dt)
     eta = torch.complex(g[..., 0], g[..., 1]).to(complex_dtype(dt)) * math.sqrt(1.0 / N)
-    return CemaCoefficients(p=p, log_q=log_q, eta=eta, omega=omega.to(dt).view(D))
+    return CemaCoefficients(p=p, log_q=log_q, eta=eta, omega=omega.to(dt).view(D), q=torch.exp(log_q))

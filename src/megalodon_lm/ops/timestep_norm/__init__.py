@@ -25,11 +25,12 @@ def timestep_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatching TimestepNorm (see `timestep_norm_naive` for the contract).
 
-    MEGALODON_NORM_IMPL=naive|prefix forces a path (default: prefix sums).
+    MEGALODON_NORM_IMPL=naive|prefix forces a path (default: the Welford step for a single token, where it
+    is the cheapest exact path, prefix sums otherwise).
     """
-    impl = os.environ.get("MEGALODON_NORM_IMPL", "prefix")
-    if impl == "naive":
+    impl = os.environ.get("MEGALODON_NORM_IMPL", "auto")
+    if impl == "naive" or (impl == "auto" and x.shape[1] == 1):
         return timestep_norm_naive(x, weight, bias, num_groups, eps, count, mean, var, valid)
-    if impl != "prefix":
-        raise ValueError(f"MEGALODON_NORM_IMPL must be 'naive' or 'prefix', got {impl!r}")
+    if impl not in ("auto", "prefix"):
+        raise ValueError(f"MEGALODON_NORM_IMPL must be 'auto', 'naive' or 'prefix', got {impl!r}")
     return timestep_norm_prefix(x, weight, bias, num_groups, eps, count, mean, var, valid)
