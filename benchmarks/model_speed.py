@@ -49,6 +49,7 @@ from _common import (
 )
 
 from megalodon_lm import MegalodonConfig, MegalodonLM
+from megalodon_lm.runtime import tune_cpu_allocator
 
 TRAIN_COST_LIMIT = 1.3  # acceptance: train cost per token at 16K / at 1K
 DECODE_LAT_LIMIT = 1.15  # acceptance: decode latency at 64K / at 1K
@@ -157,6 +158,8 @@ def cuda_peak_of(step, model: torch.nn.Module, device: torch.device) -> int:
 
 def memory_probe(args: argparse.Namespace) -> None:
     """Subprocess entry: peak RSS growth of one training step in a fresh process; prints one JSON line."""
+    if not args.no_allocator_tuning:
+        tune_cpu_allocator()
     device = torch.device("cpu")
     set_threads(args.threads)
     mcfg = MegalodonConfig.from_preset(args.preset)
@@ -224,6 +227,7 @@ def add_cpu_memory(records: list[dict[str, Any]], args: argparse.Namespace) -> N
     for rec in records:
         probe_args = ["--_probe", rec["model"], "--_length", str(rec["length"]), "--preset", args.preset,
                       "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
+        probe_args += ["--no-allocator-tuning"] if args.no_allocator_tuning else []
         res = run_probe(Path(__file__), probe_args, timeout=args.memory_timeout)
         rec["peak_mem_method"] = CPU_MEM_METHOD
         if res and "growth_bytes" in res:
@@ -375,6 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--memory-timeout", type=float, default=1800.0, help="seconds per CPU memory probe")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-allocator-tuning", action="store_true",
+                   help="keep glibc's default of returning freed memory to the OS (see megalodon_lm.runtime)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--out", default=str(RESULTS_DIR / "model_speed.json"))
@@ -394,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     device = pick_device(args.device)
     threads = set_threads(args.threads)
+    # Applies to both models alike (same process): see megalodon_lm.runtime for why.
+    allocator_tuned = False if args.no_allocator_tuning else tune_cpu_allocator()
+    print(f"glibc allocator tuned for reuse: {allocator_tuned}")
     train_lengths = parse_lengths(args.train_lengths)
     contexts = parse_lengths(args.decode_contexts)
     llama_contexts = parse_lengths(args.llama_decode_contexts)
@@ -458,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "llama_decode_contexts": llama_contexts if has_llama else [],
                    "repeats": args.repeats, "warmup": args.warmup, "decode_steps": args.decode_steps,
                    "decode_warmup": args.decode_warmup, "prefill_piece": args.prefill_piece,
-                   "quick": args.quick,
+                   "quick": args.quick, "allocator_tuned": allocator_tuned,
                    "dtype": "float32", "batch_size": 1},
         "memory_method": mem_method, "train": train, "decode": decode, "skipped": skipped,
     }

@@ -13,13 +13,20 @@ log-depth (Hillis-Steele) scan over L/T blocks. Memory is O(B*D*L + D*T*(T+2N)) 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .._dtypes import complex_dtype
 from .coefficients import CemaCoefficients
 
-DEFAULT_BLOCK = 64
+
+def default_block_size(length: int) -> int:
+    """T ~ sqrt(L), a power of two in [32, 128]: balances the intra-block matmuls (cost ~ T) against the
+    block scan and stored block states (~ L/T). Measured in docs/cema.md."""
+    t = 1 << max(0, round(math.log2(max(1, length)) / 2))
+    return min(128, max(32, t))
 
 
 def _interleave(z: torch.Tensor) -> torch.Tensor:
@@ -49,7 +56,7 @@ def cema_chunked(
     h0: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     need_state: bool = False,
-    block_size: int = DEFAULT_BLOCK,
+    block_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: (B, L, D) -> (y (B, L, D) in x's dtype, final state (B, D, N) complex or None).
 
@@ -57,11 +64,12 @@ def cema_chunked(
     lengths: (B,) number of real tokens per row (right padding); the final state is taken after
     each row's last real token. Outputs at padded positions are meaningless. None = all L.
     need_state: compute and return the final state (skipped otherwise: it is only for streaming).
+    block_size: tokens per block T (default `default_block_size(L)`).
     """
     B, L, D = x.shape
     dt = coef.p.dtype
     N = coef.p.shape[1]
-    T = max(1, min(block_size, L))
+    T = max(1, min(block_size or default_block_size(L), L))
     nb = -(-L // T)
     pad = nb * T - L
     xf = x.to(dt)
