@@ -85,7 +85,7 @@ class MovingAverageGatedAttention(nn.Module):
         out, cache_k, cache_v = chunk_attention(
             q, k, v, freqs, self.chunk_size, info.offsets,
             None if state is None else state.attn_k, None if state is None else state.attn_v,
-            info.lengths, self.attention_dropout if drop else 0.0, info.need_state,
+            None if info.valid is None else info.lengths, self.attention_dropout if drop else 0.0, info.need_state,
         )
         h = self.wh1(mx) + self.wh2(F.dropout(out.reshape(B, L, H * dv) * r, self.hidden_dropout, drop))
         y = x + F.dropout(h, self.dropout, drop)

@@ -70,7 +70,7 @@ def _attend_from_offset(
 
 
 def _tail_cache(
-    cache: torch.Tensor | None, new: torch.Tensor, offset: int, lengths: torch.Tensor, chunk_size: int
+    cache: torch.Tensor | None, new: torch.Tensor, offset: int, lengths: torch.Tensor | None, chunk_size: int
 ) -> torch.Tensor:
     """Keys or values of each row's last, partial chunk after this piece: (B, r_max, H, d).
 
@@ -81,8 +81,8 @@ def _tail_cache(
     n = 0 if cache is None else cache.shape[1]
     full = new if n == 0 else torch.cat([cache, new], dim=1)
     base = offset - n  # chunk-relative position of full[:, 0]
-    if n == offset and bool((lengths == L).all()):  # no padding (decoding): a plain slice
-        return full[:, full.shape[1] - (offset + L) % chunk_size :]
+    if lengths is None:  # no padding: a plain slice
+        return full[:, max(0, full.shape[1] - (offset + L) % chunk_size) :]
     ends = offset + lengths
     starts = torch.maximum((ends // chunk_size) * chunk_size, torch.full_like(ends, base))
     r = ends - starts
@@ -115,7 +115,8 @@ def chunk_attention(
     q, k: (B, L, H, dz) un-rotated; v: (B, L, H, dv); freqs: (dz/2,) RoPE inverse frequencies.
     offsets: (B,) int64 position of each row inside its current chunk (zeros if None).
     cache_k/cache_v: (B, n, H, dz|dv) rotated keys/values of each row's current chunk; row b uses the
-    first offsets[b] of them. lengths: (B,) real tokens per row in this piece (right padding).
+    first offsets[b] of them. lengths: (B,) real tokens per row in this piece (right padding; None =
+    no padding).
     Returns out (B, L, H, dv) and, if need_cache, the new cache (B, r, H, .) for the next piece.
     """
     B, L = q.shape[:2]
@@ -124,19 +125,20 @@ def chunk_attention(
         return v.new_zeros(B, 0, *v.shape[2:]), cache_k, cache_v
     if offsets is None:
         offsets = torch.zeros(B, dtype=torch.long, device=q.device)
-    if lengths is None:
-        lengths = torch.full((B,), L, dtype=torch.long, device=q.device)
-    groups = [(int(o), None) for o in offsets[:1].tolist()] if bool((offsets == offsets[0]).all()) else [
-        (int(o), (offsets == o).nonzero().view(-1)) for o in torch.unique(offsets).tolist()
-    ]
+    if B == 1 or bool((offsets == offsets[0]).all()):
+        groups = [(int(offsets[0]), None)]
+    else:
+        groups = [(int(o), (offsets == o).nonzero().view(-1)) for o in torch.unique(offsets).tolist()]
     out = None if len(groups) == 1 else q.new_empty(B, L, v.shape[2], v.shape[3])
     tails: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+    Hq = q.shape[2]
     for o, rows in groups:
         def sel(t: torch.Tensor | None, rows=rows) -> torch.Tensor | None:
             return t if (t is None or rows is None) else t[rows]
 
         pos = (o + torch.arange(L, device=q.device)) % C
-        qr, kr = apply_rope(sel(q), pos, freqs), apply_rope(sel(k), pos, freqs)
+        qk = apply_rope(torch.cat([sel(q), sel(k)], dim=2), pos, freqs)  # one rotation for q and k
+        qr, kr = qk[:, :, :Hq], qk[:, :, Hq:]
         ck = None if (cache_k is None or o == 0) else sel(cache_k)[:, :o]
         cv = None if (cache_v is None or o == 0) else sel(cache_v)[:, :o]
         og = _attend_from_offset(qr, kr, sel(v), ck, cv, o, C, dropout_p)

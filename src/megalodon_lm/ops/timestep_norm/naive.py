@@ -39,8 +39,7 @@ def timestep_norm_naive(
     v = var.to(dt)
     ys = []
     for t in range(L):
-        m_t = xg[:, t].mean(-1)  # (B, G)
-        v_t = (xg[:, t] - m_t.unsqueeze(-1)).pow(2).mean(-1)
+        v_t, m_t = torch.var_mean(xg[:, t], dim=-1, correction=0)  # (B, G) population moments
         w = torch.ones(B, 1, dtype=dt, device=x.device) if valid is None else valid[:, t].to(dt).view(B, 1)
         c_new = c + w
         safe = c_new.clamp(min=1)

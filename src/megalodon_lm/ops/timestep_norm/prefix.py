@@ -41,8 +41,7 @@ def timestep_norm_prefix(
     G = num_groups
     dt = compute_dtype(x, mean)
     xg = x.to(dt).view(B, L, G, D // G)
-    m = xg.mean(-1)  # (B, L, G)
-    v = (xg - m.unsqueeze(-1)).pow(2).mean(-1)
+    v, m = torch.var_mean(xg, dim=-1, correction=0)  # (B, L, G) per-token population moments
 
     c0 = count.to(ACC).view(B, 1, 1)
     mu0 = mean.to(ACC).unsqueeze(1)  # (B, 1, G)
