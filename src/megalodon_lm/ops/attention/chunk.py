@@ -62,7 +62,9 @@ def _attend_from_offset(
             pad = nc * C - Lb
 
             def fold(t: torch.Tensor) -> torch.Tensor:
-                return F.pad(t, (0, 0, 0, 0, 0, pad)).reshape(B * nc, C, H, t.shape[-1])
+                if pad:  # only a partial last chunk needs a padded copy; otherwise this is a view
+                    t = F.pad(t, (0, 0, 0, 0, 0, pad))
+                return t.reshape(B * nc, C, H, t.shape[-1])
 
             o = _sdpa(fold(q), fold(k), fold(v), dropout_p, is_causal=True)
             outs.append(o.reshape(B, nc * C, H, -1)[:, :Lb])

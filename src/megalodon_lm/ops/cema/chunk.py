@@ -97,12 +97,11 @@ def cema_chunked(
         carry = torch.exp(log_decay.unsqueeze(1) * blocks.view(nb, 1))  # (D, nb, N)
         h_in = h_in + carry.unsqueeze(1) * h0.to(h_in.dtype).transpose(0, 1).unsqueeze(2)
 
-    # y = x K^T + Re(H W^T), one matmul: [x | H_re, H_im] @ [K^T ; W_re^T, -W_im^T].
+    # y = x K^T + Re(H W^T), with [H_re, H_im] interleaved against [W_re^T; -W_im^T]. Two matmuls
+    # rather than one on concatenated operands: autograd then keeps xb once, not a second copy.
     w_out = coef.eta.unsqueeze(-1) * qpow[..., 1:]  # (D, N, T): eta q^(i+1)
     w_rows = torch.stack([w_out.real, -w_out.imag], dim=2).flatten(1, 2)  # (D, 2N, T) interleaved
-    rhs = torch.cat([toeplitz_t, w_rows], dim=1)  # (D, T + 2N, T)
-    lhs = torch.cat([xb, _interleave(h_in).reshape(D, B * nb, 2 * N)], dim=2)
-    y = torch.bmm(lhs, rhs)  # (D, B*nb, T)
+    y = torch.baddbmm(torch.bmm(xb, toeplitz_t), _interleave(h_in).reshape(D, B * nb, 2 * N), w_rows)
     y = y.view(D, B, nb * T).permute(1, 2, 0)[:, :L]
     y = (y + coef.omega * xf).to(x.dtype)
 
