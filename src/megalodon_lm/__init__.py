@@ -4,4 +4,25 @@ from .models import PRESETS, MegalodonConfig, MegalodonLM, MegalodonOutput, Stre
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "MegalodonConfig", "MegalodonLM", "MegalodonOutput", "StreamState", "__version__"]
+__all__ = [
+    "PRESETS",
+    "MegalodonConfig",
+    "MegalodonLM",
+    "MegalodonOutput",
+    "StreamState",
+    "TrainConfig",
+    "__version__",
+    "load_run",
+    "train",
+]
+
+_LAZY = {"train": "training", "load_run": "training", "TrainConfig": "training"}
+
+
+def __getattr__(name: str):
+    """Training entry points load on first use (they pull in the data and tokenizer stack)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

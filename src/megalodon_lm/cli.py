@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -15,6 +16,99 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     results = run_demo(preset=args.preset, length=args.length, seed=args.seed)
     return 0 if results["exact"] else 1
+
+
+TRAIN_HELP = {
+    "preset": "model preset ({})".format(", ".join(sorted(PRESETS))),
+    "config": "a TOML run config (same keys as these options, plus a [model] table); flags win",
+    "data": "training text: file, directory (recursive), glob, .jsonl (text or prompt/response), .gz/.xz; "
+            "repeatable. Default: the running Python's standard library sources",
+    "val_data": "validation text (repeatable); default: a deterministic split of --data",
+    "tokenizer": "'byte' or a tokenizer.json / tokenizer directory",
+    "seq_len": "tokens per training sequence",
+    "batch_size": "sequences per step per process (global batch = batch x ranks x grad-accum)",
+    "grad_accum": "micro-batches accumulated per optimizer step",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine schedule decays to lr x this",
+    "warmup_steps": "linear warm-up steps",
+    "max_steps": "optimizer steps (the schedule's horizon)",
+    "max_time": "wall-clock budget: seconds or 90s / 10m / 2h; 'none' for no limit (counts across resumes)",
+    "weight_decay": "AdamW weight decay, on all parameters as in the reference",
+    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon",
+    "grad_clip": "gradient-norm clipping threshold",
+    "eval_every": "evaluate every N steps", "eval_tokens": "validation tokens scored per evaluation",
+    "save_every": "checkpoint every N steps", "keep_last": "checkpoints kept",
+    "log_every": "log a metrics line every N steps",
+    "sample_tokens": "tokens of the text sample at the end (0 = none)", "sample_prompt": "prompt of that sample",
+    "out": "run directory", "resume": "continue the run in --out from its latest checkpoint",
+    "init_from": "start from another run directory's weights (fresh optimizer)",
+    "cache_dir": "tokenized-data cache directory (default ~/.cache/megalodon-lm)",
+    "seed": "random seed (initialisation and data order)", "device": "auto, cpu or cuda",
+    "dtype": "fp32, or bf16 autocast with fp32 master weights", "compile": "torch.compile the model",
+    "threads": "torch CPU threads", "progress": "auto, bar, plain or none",
+    "tensorboard": "write TensorBoard logs when tensorboard is installed",
+}
+
+
+def _add_train_parser(sub) -> None:
+    from .training.config import TrainConfig
+
+    p = sub.add_parser("train", help="train a Megalodon model (default: the stdlib corpus, a few minutes on CPU)",
+                       description="Train a Megalodon language model. Defaults in brackets.")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        text = f"{TRAIN_HELP[f.name]} [{default if default not in ([], None) else '-'}]"
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif isinstance(default, list):
+            p.add_argument(flag, action="append", default=None, metavar="PATH", help=text)
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if f.name == "threads":
+                kind = int
+            p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument("--config", default=None, metavar="FILE.toml", help=TRAIN_HELP["config"])
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training.trainer import TrainingError, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    if isinstance(options.get("max_time"), str) and options["max_time"].lower() == "none":
+        options["max_time"] = ""
+    try:
+        result = train(args.config, **options)
+    except TrainingError as err:
+        print(f"megalodon-lm: {err}", file=sys.stderr)
+        return 1
+    return 0 if result.stopped_by != "signal" else 130
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from .data.sources import iter_documents, resolve_sources
+    from .data.tokenizer import train_bpe
+
+    paths = resolve_sources(args.data)
+    texts = (doc.text.decode("utf-8", errors="replace") for p in paths for doc in iter_documents(p))
+    tok = train_bpe(texts, args.vocab_size, args.out)
+    print(f"wrote {args.out}: vocab {tok.vocab_size}, eos id {tok.eos_id}")
+    return 0
+
+
+def _add_tokenizer_parser(sub) -> None:
+    tp = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = tp.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer locally (HF tokenizers)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", action="append", required=True, metavar="PATH", help="training text (repeatable)")
+    t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size including specials")
+    t.add_argument("--out", required=True, help="output tokenizer.json")
+    t.set_defaults(func=_cmd_tokenizer_train)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -48,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
     info.add_argument("--config", default=None, help="a JSON config file instead of a preset")
     info.set_defaults(func=_cmd_info)
+    _add_train_parser(sub)
+    _add_tokenizer_parser(sub)
     return parser
 
 

@@ -1,0 +1,119 @@
+"""`TrainConfig`: every training option with its default, shared by the CLI, TOML files and the Python API.
+
+Precedence: command-line flags > the TOML file (`--config`) > these defaults. The TOML file uses the
+same names (underscores) at the top level and may hold a `[model]` table of `MegalodonConfig` field
+overrides. The resolved configuration is saved in the run directory (train_config.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    """Training options. Sizes in tokens; `batch_size` is per process (global batch = batch x ranks x accum)."""
+
+    # model and data
+    preset: str = "mini"  # model preset (MegalodonConfig.from_preset); `[model]` in the TOML overrides fields
+    data: list[str] = field(default_factory=list)  # files, directories, globs; empty = the stdlib .py corpus
+    val_data: list[str] = field(default_factory=list)  # validation sources; empty = split off the training data
+    tokenizer: str = "byte"  # "byte" or a path to a tokenizer.json / tokenizer directory
+    seq_len: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    # optimisation (AdamW on all parameters, as the reference; betas of the paper's 7B run)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    max_time: str | None = "8m"  # wall-clock budget ("90s", "10m", "2h"; None = no limit); counts across resumes
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_every: int = 200
+    eval_tokens: int = 131072  # validation targets scored per evaluation
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    sample_tokens: int = 300  # length of the text sample written at the end (0 = none)
+    sample_prompt: str = "\n"  # prompt of that sample
+    out: str = "runs/megalodon"
+    resume: bool = False
+    init_from: str | None = None  # start from another run's weights (fresh optimizer)
+    cache_dir: str | None = None  # tokenized-data cache (default ~/.cache/megalodon-lm)
+    # execution
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
+    compile: bool = False
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+    progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | plain | none
+    tensorboard: bool = True  # also write TensorBoard logs when tensorboard is installed
+    model: dict[str, Any] = field(default_factory=dict)  # MegalodonConfig overrides (TOML [model])
+
+    def validate(self) -> None:
+        """One clear error per bad option, before any work starts."""
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "keep_last",
+                    "log_every", "eval_tokens")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.sample_tokens < 0:
+            raise ValueError("--warmup-steps and --sample-tokens must be >= 0")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must not exceed --max-steps ({self.max_steps})")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.progress not in ("auto", "bar", "plain", "none"):
+            raise ValueError(f"--progress must be auto, bar, plain or none, got {self.progress!r}")
+        if self.resume and self.init_from:
+            raise ValueError("--resume continues a run; --init-from starts a new one from weights: pick one")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML run config; unknown keys are an error naming them."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    with p.open("rb") as fh:
+        data = tomllib.load(fh)
+    unknown = sorted(set(data) - set(field_names()))
+    if unknown:
+        raise ValueError(f"unknown key(s) in {p}: {', '.join(unknown)}")
+    return data
+
+
+def resolve_config(overrides: dict[str, Any], toml_path: str | Path | None = None) -> TrainConfig:
+    """Defaults <- TOML file <- explicit overrides (None values mean "not given")."""
+    merged: dict[str, Any] = load_toml(toml_path) if toml_path else {}
+    unknown = sorted(set(overrides) - set(field_names()))
+    if unknown:
+        raise TypeError(f"unknown training option(s): {', '.join(unknown)}")
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**merged)
+    cfg.validate()
+    return cfg

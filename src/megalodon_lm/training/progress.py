@@ -1,0 +1,43 @@
+"""Progress display: a tqdm bar on a terminal, plain log lines otherwise (CI, files, pipes)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class Progress:
+    """mode: auto | bar | plain | none. `write` always prints; `plain` prints only without a bar."""
+
+    def __init__(self, mode: str, total: int, initial: int = 0) -> None:
+        self.bar_mode = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.quiet = mode == "none"
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if self.bar_mode else None
+
+    def update(self, step: int, loss: float, tok_s: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.refresh()
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def write(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def plain(self, text: str) -> None:
+        if self.bar is None and not self.quiet:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

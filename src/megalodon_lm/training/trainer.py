@@ -1,0 +1,275 @@
+"""The training loop behind `megalodon-lm train` and `megalodon_lm.train(...)`.
+
+Deterministic by construction: the model is initialised from `seed`, every batch is drawn from
+(seed, step), and a checkpoint holds weights, optimizer, schedule, RNG and step. Resuming therefore
+continues the exact same run (bitwise on CPU in fp32 with a fixed thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.dataset import build_corpora, bytes_per_target, eval_windows, sample_batch
+from ..data.sources import resolve_sources
+from ..data.tokenizer import load_tokenizer, save_tokenizer
+from ..models import MegalodonConfig, MegalodonLM
+from ..runtime import tune_cpu_allocator
+from .checkpoint import init_run_dir, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from .config import TrainConfig, resolve_config
+from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics
+from .progress import Progress
+from .sampling import sample_text
+from .schedule import WarmupCosine
+
+CALIBRATION_STEPS = 10  # steps timed before a --max-time budget fixes the schedule's horizon
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (non-finite loss, ...); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    elapsed: float
+    final_train_loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    stopped_by: str  # "max_steps" | "max_time" | "signal"
+
+
+def train(config: str | Path | None = None, **options: Any) -> TrainResult:
+    """Python API mirroring `megalodon-lm train`: keyword arguments are the CLI options (underscored)."""
+    return run_training(resolve_config(options, config))
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _model_config(cfg: TrainConfig, vocab_size: int) -> MegalodonConfig:
+    """Preset + [model] overrides; the vocabulary always comes from the tokenizer."""
+    overrides = dict(cfg.model)
+    if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
+        raise ValueError(f"model vocab_size {overrides['vocab_size']} disagrees with the tokenizer's {vocab_size}")
+    overrides["vocab_size"] = vocab_size
+    return MegalodonConfig.from_preset(cfg.preset, **overrides)
+
+
+@torch.no_grad()
+def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_lengths: torch.Tensor,
+             device: torch.device, autocast) -> tuple[float, float]:
+    """Validation loss (nats per token) and bits per byte over fixed windows of the validation data."""
+    was_training = model.training
+    model.eval()
+    nll, count, n_bytes = 0.0, 0, 0
+    for x, y in eval_windows(corpus, seq_len, max_tokens):
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x).logits
+        nll += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum"))
+        count += int((y != -100).sum())
+        n_bytes += int(bytes_per_target(y.cpu(), byte_lengths))
+    model.train(was_training)
+    return nll / max(count, 1), nll / math.log(2) / max(n_bytes, 1)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM request a clean stop: the current step finishes, a checkpoint is saved."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) one training run described by a validated `TrainConfig`."""
+    cfg.validate()
+    device = _pick_device(cfg.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()  # see megalodon_lm.runtime: keeps long-sequence steps from re-faulting memory
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    budget = parse_duration(cfg.max_time) if cfg.max_time else None
+    run_dir = Path(cfg.out)
+
+    # ---- everything that can fail on bad input happens before any training
+    tokenizer = load_tokenizer(run_dir / "tokenizer") if cfg.resume else load_tokenizer(cfg.tokenizer)
+    mcfg = (MegalodonConfig.from_json(run_dir / "model_config.json") if cfg.resume
+            else _model_config(cfg, tokenizer.vocab_size))
+    sources = resolve_sources(cfg.data) if cfg.data else None
+    val_sources = resolve_sources(cfg.val_data) if cfg.val_data else None
+    schedule = WarmupCosine(base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                            min_lr_ratio=cfg.min_lr_ratio)
+    init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)
+    if not cfg.resume:
+        save_tokenizer(tokenizer, run_dir / "tokenizer")
+    show = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
+    train_data, val_data = build_corpora(sources, tokenizer, cfg.cache_dir or Path.home() / ".cache" / "megalodon-lm",
+                                         val_sources=val_sources, progress=show)
+    if len(train_data.tokens) < cfg.seq_len + 1:
+        raise ValueError(f"training data has {len(train_data.tokens)} tokens, fewer than one window of "
+                         f"--seq-len {cfg.seq_len} + 1")
+    byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
+
+    torch.manual_seed(cfg.seed)
+    model = MegalodonLM(mcfg).to(device)
+    if cfg.init_from:
+        src = latest_checkpoint(cfg.init_from)
+        if src is None:
+            raise FileNotFoundError(f"--init-from: no checkpoint in {cfg.init_from}")
+        load_model_weights(src, model)  # weights only: this run keeps its own seed and a fresh optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    step, tokens, elapsed_before, horizon_fixed = 0, 0, 0.0, budget is None
+    metrics = MetricsLogger(run_dir, use_tensorboard=cfg.tensorboard)
+    if cfg.resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
+        state, sched_state = load_checkpoint(ckpt, model, optimizer)
+        if sched_state:
+            schedule.load_state_dict(sched_state)
+        step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        horizon_fixed = state.get("horizon_fixed", True)
+        metrics.truncate_after(step)
+    else:
+        metrics.truncate_after(-1)  # a fresh run in a reused directory starts a fresh metrics file
+    step_fn = torch.compile(model) if cfg.compile else model
+    use_bf16 = cfg.dtype == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    def trainer_state() -> dict[str, Any]:
+        return {"step": step, "tokens": tokens, "elapsed": elapsed(), "horizon_fixed": horizon_fixed,
+                "data_position": step * cfg.grad_accum, "seed": cfg.seed}
+
+    def save() -> Path:
+        return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
+                               keep_last=cfg.keep_last)
+
+    t_session = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_session
+
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    progress = Progress(cfg.progress, total=schedule.max_steps, initial=step)
+    progress.write(f"run {run_dir}: preset {cfg.preset!r}, {n_params:,} parameters, vocab {mcfg.vocab_size}, "
+                   f"{len(train_data.tokens):,} train / {len(val_data.tokens):,} val tokens, "
+                   f"{tokens_per_step:,} tokens per step on {device}")
+
+    model.train()
+    last_loss: float | None = None
+    val_loss = val_bpb = None
+    stopped_by = "max_steps"
+    session_steps = 0
+    with _StopFlag() as stop:
+        while step < schedule.max_steps:
+            if budget is not None and elapsed() >= budget:
+                stopped_by = "max_time"
+                break
+            lr = schedule.apply(optimizer, step)
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = sample_batch(train_data, cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + micro,
+                                    cfg.seed)
+                with autocast():
+                    loss = step_fn(x.to(device), targets=y.to(device)).loss
+                if not torch.isfinite(loss.detach()):
+                    last = latest_checkpoint(run_dir)
+                    raise TrainingError(f"non-finite loss ({float(loss)}) at step {step}; stopping. The last good "
+                                        f"checkpoint is kept: {last if last else 'none saved yet'}")
+                (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            session_steps += 1
+            tokens += tokens_per_step
+            last_loss = loss_sum / cfg.grad_accum
+            tok_s = tokens_per_step / (time.perf_counter() - t0)
+            if not horizon_fixed and session_steps == CALIBRATION_STEPS:
+                per_step = (time.perf_counter() - t_session) / session_steps
+                fit = step + max(1, int((budget - elapsed()) / per_step))
+                schedule.max_steps = max(min(schedule.max_steps, fit), cfg.warmup_steps + 1, step + 1)
+                horizon_fixed = True
+                progress.set_total(schedule.max_steps)
+                progress.write(f"--max-time {cfg.max_time}: schedule horizon fixed at {schedule.max_steps} steps")
+            progress.update(step, loss=last_loss, tok_s=tok_s, lr=lr)
+            if step % cfg.log_every == 0 or step == schedule.max_steps:
+                metrics.log({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                             "tokens": tokens, "tokens_per_s": tok_s, "elapsed": elapsed()})
+                progress.plain(f"step {step}/{schedule.max_steps} loss {last_loss:.4f} lr {lr:.2e} "
+                               f"grad {grad_norm:.2f} {tok_s:,.0f} tok/s elapsed {format_duration(elapsed())}")
+            if step % cfg.eval_every == 0 or step == schedule.max_steps:
+                val_loss, val_bpb = evaluate(model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device,
+                                             autocast)
+                metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss,
+                             "val_bpb": val_bpb})
+                progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
+            if step % cfg.save_every == 0:
+                save()
+            if stop.signal is not None:
+                stopped_by = "signal"
+                break
+        if val_loss is None or step % cfg.eval_every:
+            val_loss, val_bpb = evaluate(model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device,
+                                         autocast)
+            metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss,
+                         "val_bpb": val_bpb})
+        path = save()
+    progress.close()
+    metrics.close()
+    print(f"stopped by {stopped_by} at step {step} ({tokens:,} tokens, {format_duration(elapsed())}); "
+          f"val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}; checkpoint {path}", flush=True)
+    if stopped_by != "signal":
+        plot = plot_metrics(run_dir)
+        if plot:
+            print(f"curves: {plot}")
+        if cfg.sample_tokens:
+            text = sample_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
+            (run_dir / "sample.txt").write_text(text, encoding="utf-8")
+            print(f"sample ({run_dir / 'sample.txt'}):\n{text}")
+    return TrainResult(run_dir, step, tokens, elapsed(), last_loss, val_loss, val_bpb, stopped_by)
