@@ -40,8 +40,9 @@ TRAIN_HELP = {
     "save_every": "checkpoint every N steps", "keep_last": "checkpoints kept",
     "log_every": "log a metrics line every N steps",
     "sample_tokens": "tokens of the text sample at the end (0 = none)", "sample_prompt": "prompt of that sample",
-    "out": "run directory", "resume": "continue the run in --out from its latest checkpoint",
-    "init_from": "start from another run directory's weights (fresh optimizer)",
+    "out": "run directory (default: a new runs/megalodon-<date>-<time>)",
+    "resume": "continue the run in --out (default: the newest under runs/) from its latest checkpoint",
+    "init_from": "start a new run from another run directory's weights and architecture (fresh optimizer)",
     "cache_dir": "tokenized-data cache directory (default ~/.cache/megalodon-lm)",
     "seed": "random seed (initialisation and data order)", "device": "auto, cpu or cuda",
     "dtype": "fp32, or bf16 autocast with fp32 master weights", "compile": "torch.compile the model",
@@ -79,14 +80,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import TrainingError, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
-    if isinstance(options.get("max_time"), str) and options["max_time"].lower() == "none":
-        options["max_time"] = ""
     try:
         result = train(args.config, **options)
     except TrainingError as err:
         print(f"megalodon-lm: {err}", file=sys.stderr)
         return 1
-    return 0 if result.stopped_by != "signal" else 130
+    if result.stopped_by == "signal":
+        return 128 + (result.signal or 2)  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+    return 0
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])])
+        parser.print_help()
+        return 0
     try:
         return int(args.func(args))
     except (ValueError, TypeError, FileNotFoundError) as err:

@@ -8,7 +8,9 @@ overrides. The resolved configuration is saved in the run directory (train_confi
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,7 @@ class TrainConfig:
     log_every: int = 10
     sample_tokens: int = 300  # length of the text sample written at the end (0 = none)
     sample_prompt: str = "\n"  # prompt of that sample
-    out: str = "runs/megalodon"
+    out: str | None = None  # run directory; default runs/megalodon-<date>-<time> (with --resume: the newest run)
     resume: bool = False
     init_from: str | None = None  # start from another run's weights (fresh optimizer)
     cache_dir: str | None = None  # tokenized-data cache (default ~/.cache/megalodon-lm)
@@ -73,6 +75,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.sample_tokens < 0:
             raise ValueError("--warmup-steps and --sample-tokens must be >= 0")
+        if isinstance(self.max_time, str) and self.max_time.strip().lower() in ("", "none"):
+            self.max_time = None  # "none" on the command line (or in the API) means no time limit
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) must not exceed --max-steps ({self.max_steps})")
         if not self.lr > 0:
@@ -90,6 +94,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+RUNS_ROOT = Path("runs")
+
+
+def default_run_dir(resume: bool, root: Path = RUNS_ROOT) -> Path:
+    """A new timestamped directory under runs/, or with resume the newest run there that has a checkpoint."""
+    if not resume:
+        return root / time.strftime("megalodon-%Y%m%d-%H%M%S")
+    runs = sorted((p for p in root.glob("megalodon-*") if (p / "checkpoints").is_dir()), key=lambda p: p.name)
+    if not runs:
+        raise FileNotFoundError(f"--resume without --out: no run with checkpoints under {root}/")
+    return runs[-1]
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -105,6 +122,44 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown key(s) in {p}: {', '.join(unknown)}")
     return data
+
+
+# Options a resumed run may change: they affect where and how it runs, not what it computes.
+RESUME_MAY_CHANGE = frozenset({"resume", "out", "progress", "threads", "device", "tensorboard", "cache_dir",
+                               "max_time", "log_every", "keep_last", "eval_every", "save_every", "sample_tokens",
+                               "sample_prompt"})
+
+
+def resolve_resume_config(overrides: dict[str, Any], toml_path: str | Path | None = None) -> TrainConfig:
+    """The saved options of the run being resumed, with only run-time options overridable.
+
+    Anything that would change the computation (data, model, schedule, batch, seed, ...) must match the
+    saved value: a resumed run continues exactly, and a different run is a new one (--init-from).
+    """
+    if overrides.get("init_from"):
+        raise ValueError("--resume continues a run; --init-from starts a new one from weights: pick one")
+    out = overrides.get("out")
+    run_dir = Path(out) if out else default_run_dir(resume=True)
+    saved_path = run_dir / "train_config.json"
+    from .checkpoint import latest_checkpoint
+
+    if latest_checkpoint(run_dir) is None or not saved_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
+    saved = json.loads(saved_path.read_text())
+    given = load_toml(toml_path) if toml_path else {}
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(given) - set(field_names()))
+    if unknown:
+        raise TypeError(f"unknown training option(s): {', '.join(unknown)}")
+    for key, value in given.items():
+        if key not in RESUME_MAY_CHANGE and json.loads(json.dumps(value)) != saved.get(key):
+            raise ValueError(f"--{key.replace('_', '-')} {value!r} differs from the resumed run's {saved.get(key)!r}: "
+                             "a resumed run keeps its options (start a new run with --init-from to change them)")
+    merged = {**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+    merged.update(resume=True, out=str(run_dir), init_from=None)
+    cfg = TrainConfig(**{k: v for k, v in merged.items() if k in field_names()})
+    cfg.validate()
+    return cfg
 
 
 def resolve_config(overrides: dict[str, Any], toml_path: str | Path | None = None) -> TrainConfig:

@@ -25,13 +25,16 @@ from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..models import MegalodonConfig, MegalodonLM
 from ..runtime import tune_cpu_allocator
 from .checkpoint import init_run_dir, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
-from .config import TrainConfig, resolve_config
+from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics
 from .progress import Progress
 from .sampling import sample_text
 from .schedule import WarmupCosine
 
-CALIBRATION_STEPS = 10  # steps timed before a --max-time budget fixes the schedule's horizon
+# With --max-time, the schedule's horizon is fixed once the warm-up ends (the warm-up does not depend on
+# it, so the learning rate stays continuous), from the step time measured after the first few steps.
+CALIBRATION_MIN_STEPS = 10
+CALIBRATION_SKIP = 3  # first steps of a session are slower (allocator, caches): not timed
 
 
 class TrainingError(RuntimeError):
@@ -48,10 +51,17 @@ class TrainResult:
     val_loss: float | None
     val_bpb: float | None
     stopped_by: str  # "max_steps" | "max_time" | "signal"
+    signal: int | None = None  # the signal number when stopped_by == "signal"
 
 
 def train(config: str | Path | None = None, **options: Any) -> TrainResult:
-    """Python API mirroring `megalodon-lm train`: keyword arguments are the CLI options (underscored)."""
+    """Python API mirroring `megalodon-lm train`: keyword arguments are the CLI options (underscored).
+
+    `config` is an optional TOML file. With `resume=True` the run's saved options are used; only
+    run-time options (out, max_time, progress, threads, ...) may be given again.
+    """
+    if options.get("resume"):
+        return run_training(resolve_resume_config(options, config))
     return run_training(resolve_config(options, config))
 
 
@@ -70,6 +80,17 @@ def _model_config(cfg: TrainConfig, vocab_size: int) -> MegalodonConfig:
         raise ValueError(f"model vocab_size {overrides['vocab_size']} disagrees with the tokenizer's {vocab_size}")
     overrides["vocab_size"] = vocab_size
     return MegalodonConfig.from_preset(cfg.preset, **overrides)
+
+
+def _init_from_config(src: Path, vocab_size: int) -> MegalodonConfig:
+    """Fine-tuning keeps the source run's architecture; its vocabulary must match the tokenizer."""
+    if latest_checkpoint(src) is None or not (src / "model_config.json").is_file():
+        raise FileNotFoundError(f"--init-from: no checkpoint in {src}")
+    mcfg = MegalodonConfig.from_json(src / "model_config.json")
+    if mcfg.vocab_size != vocab_size:
+        raise ValueError(f"--init-from {src}: its vocabulary ({mcfg.vocab_size}) differs from the tokenizer's "
+                         f"({vocab_size}); use the source run's tokenizer ({src / 'tokenizer'})")
+    return mcfg
 
 
 @torch.no_grad()
@@ -128,34 +149,38 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     budget = parse_duration(cfg.max_time) if cfg.max_time else None
-    run_dir = Path(cfg.out)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.resume)
 
     # ---- everything that can fail on bad input happens before any training
+    if cfg.resume and latest_checkpoint(run_dir) is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
     tokenizer = load_tokenizer(run_dir / "tokenizer") if cfg.resume else load_tokenizer(cfg.tokenizer)
-    mcfg = (MegalodonConfig.from_json(run_dir / "model_config.json") if cfg.resume
-            else _model_config(cfg, tokenizer.vocab_size))
+    if cfg.resume:
+        mcfg = MegalodonConfig.from_json(run_dir / "model_config.json")
+    elif cfg.init_from:
+        mcfg = _init_from_config(Path(cfg.init_from), tokenizer.vocab_size)
+    else:
+        mcfg = _model_config(cfg, tokenizer.vocab_size)
     sources = resolve_sources(cfg.data) if cfg.data else None
     val_sources = resolve_sources(cfg.val_data) if cfg.val_data else None
     schedule = WarmupCosine(base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                             min_lr_ratio=cfg.min_lr_ratio)
-    init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)
-    if not cfg.resume:
-        save_tokenizer(tokenizer, run_dir / "tokenizer")
     show = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
     train_data, val_data = build_corpora(sources, tokenizer, cfg.cache_dir or Path.home() / ".cache" / "megalodon-lm",
                                          val_sources=val_sources, progress=show)
     if len(train_data.tokens) < cfg.seq_len + 1:
         raise ValueError(f"training data has {len(train_data.tokens)} tokens, fewer than one window of "
                          f"--seq-len {cfg.seq_len} + 1")
+    init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)  # the first write: all checks passed
+    if not cfg.resume:
+        save_tokenizer(tokenizer, run_dir / "tokenizer")
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
 
     torch.manual_seed(cfg.seed)
     model = MegalodonLM(mcfg).to(device)
     if cfg.init_from:
-        src = latest_checkpoint(cfg.init_from)
-        if src is None:
-            raise FileNotFoundError(f"--init-from: no checkpoint in {cfg.init_from}")
-        load_model_weights(src, model)  # weights only: this run keeps its own seed and a fresh optimizer
+        # Weights only: this run keeps its own seed and a fresh optimizer.
+        load_model_weights(latest_checkpoint(cfg.init_from), model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
     step, tokens, elapsed_before, horizon_fixed = 0, 0, 0.0, budget is None
@@ -180,7 +205,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     def trainer_state() -> dict[str, Any]:
         return {"step": step, "tokens": tokens, "elapsed": elapsed(), "horizon_fixed": horizon_fixed,
-                "data_position": step * cfg.grad_accum, "seed": cfg.seed}
+                "budget_set_horizon": budget_set_horizon, "data_position": step * cfg.grad_accum,
+                "seed": cfg.seed, "max_steps": cfg.max_steps}
 
     def save() -> Path:
         return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
@@ -201,8 +227,18 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     model.train()
     last_loss: float | None = None
     val_loss = val_bpb = None
+    evaluated_at = -1
     stopped_by = "max_steps"
+    budget_set_horizon = state.get("budget_set_horizon", False) if cfg.resume else False
     session_steps = 0
+
+    def run_eval() -> None:
+        nonlocal val_loss, val_bpb, evaluated_at
+        val_loss, val_bpb = evaluate(model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device, autocast)
+        evaluated_at = step
+        metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb})
+        progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
+
     with _StopFlag() as stop:
         while step < schedule.max_steps:
             if budget is not None and elapsed() >= budget:
@@ -210,29 +246,21 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 break
             lr = schedule.apply(optimizer, step)
             t0 = time.perf_counter()
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = sample_batch(train_data, cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + micro,
-                                    cfg.seed)
-                with autocast():
-                    loss = step_fn(x.to(device), targets=y.to(device)).loss
-                if not torch.isfinite(loss.detach()):
-                    last = latest_checkpoint(run_dir)
-                    raise TrainingError(f"non-finite loss ({float(loss)}) at step {step}; stopping. The last good "
-                                        f"checkpoint is kept: {last if last else 'none saved yet'}")
-                (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
+            last_loss = _optimizer_step(step_fn, train_data, cfg, step, device, autocast, run_dir)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             session_steps += 1
             tokens += tokens_per_step
-            last_loss = loss_sum / cfg.grad_accum
             tok_s = tokens_per_step / (time.perf_counter() - t0)
-            if not horizon_fixed and session_steps == CALIBRATION_STEPS:
-                per_step = (time.perf_counter() - t_session) / session_steps
-                fit = step + max(1, int((budget - elapsed()) / per_step))
+            if session_steps == CALIBRATION_SKIP:
+                t_timed = time.perf_counter()
+            if not horizon_fixed and session_steps >= CALIBRATION_MIN_STEPS and step >= cfg.warmup_steps:
+                per_step = (time.perf_counter() - t_timed) / (session_steps - CALIBRATION_SKIP)
+                # Keep ~3% of the remaining budget for evaluations and checkpoints.
+                fit = step + max(1, int(0.97 * (budget - elapsed()) / per_step))
+                budget_set_horizon = fit < schedule.max_steps
                 schedule.max_steps = max(min(schedule.max_steps, fit), cfg.warmup_steps + 1, step + 1)
                 horizon_fixed = True
                 progress.set_total(schedule.max_steps)
@@ -244,21 +272,16 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 progress.plain(f"step {step}/{schedule.max_steps} loss {last_loss:.4f} lr {lr:.2e} "
                                f"grad {grad_norm:.2f} {tok_s:,.0f} tok/s elapsed {format_duration(elapsed())}")
             if step % cfg.eval_every == 0 or step == schedule.max_steps:
-                val_loss, val_bpb = evaluate(model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device,
-                                             autocast)
-                metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss,
-                             "val_bpb": val_bpb})
-                progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
+                run_eval()
             if step % cfg.save_every == 0:
                 save()
             if stop.signal is not None:
                 stopped_by = "signal"
                 break
-        if val_loss is None or step % cfg.eval_every:
-            val_loss, val_bpb = evaluate(model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device,
-                                         autocast)
-            metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss,
-                         "val_bpb": val_bpb})
+        if stopped_by == "max_steps" and budget_set_horizon:
+            stopped_by = "max_time"
+        if evaluated_at != step:
+            run_eval()
         path = save()
     progress.close()
     metrics.close()
@@ -272,4 +295,29 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             text = sample_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
             (run_dir / "sample.txt").write_text(text, encoding="utf-8")
             print(f"sample ({run_dir / 'sample.txt'}):\n{text}")
-    return TrainResult(run_dir, step, tokens, elapsed(), last_loss, val_loss, val_bpb, stopped_by)
+    return TrainResult(run_dir, step, tokens, elapsed(), last_loss, val_loss, val_bpb, stopped_by, stop.signal)
+
+
+def _optimizer_step(step_fn, data, cfg: TrainConfig, step: int, device: torch.device, autocast, run_dir: Path) -> float:
+    """Forward/backward of one optimizer step's micro-batches; returns the mean loss per scored token.
+
+    The loss is normalised by the number of scored targets over all micro-batches (not per micro-batch),
+    so gradient accumulation equals one big batch, and a batch whose targets are all masked (a prompt
+    longer than the window) contributes nothing instead of a NaN.
+    """
+    batches = [sample_batch(data, cfg.batch_size, cfg.seq_len, step * cfg.grad_accum + micro, cfg.seed)
+               for micro in range(cfg.grad_accum)]
+    n_scored = max(1, sum(int((y != -100).sum()) for _, y in batches))
+    total = 0.0
+    for x, y in batches:
+        with autocast():
+            logits = step_fn(x.to(device)).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100,
+                               reduction="sum") / n_scored
+        if not torch.isfinite(loss.detach()):
+            last = latest_checkpoint(run_dir)
+            raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step + 1}; stopping. The last "
+                                f"good checkpoint is kept: {last if last else 'none saved yet'}")
+        loss.backward()
+        total += float(loss.detach())
+    return total
