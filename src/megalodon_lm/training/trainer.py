@@ -11,6 +11,7 @@ import contextlib
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from .schedule import WarmupCosine
 # it, so the learning rate stays continuous), from the step time measured after the first few steps.
 CALIBRATION_MIN_STEPS = 10
 CALIBRATION_SKIP = 3  # first steps of a session are slower (allocator, caches): not timed
+EVAL_BATCH = 8  # validation windows scored per forward
 
 
 class TrainingError(RuntimeError):
@@ -100,8 +102,13 @@ def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_len
     was_training = model.training
     model.eval()
     nll, count, n_bytes = 0.0, 0, 0
-    for x, y in eval_windows(corpus, seq_len, max_tokens):
-        x, y = x.to(device), y.to(device)
+    windows = list(eval_windows(corpus, seq_len, max_tokens))
+    full = [w for w in windows if w[0].shape[1] == seq_len]
+    groups = [full[i : i + EVAL_BATCH] for i in range(0, len(full), EVAL_BATCH)]
+    groups += [[w] for w in windows if w[0].shape[1] != seq_len]  # a shorter last window goes alone
+    for group in groups:
+        x = torch.cat([w[0] for w in group]).to(device)
+        y = torch.cat([w[1] for w in group]).to(device)
         with autocast():
             logits = model(x).logits
         nll += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum"))
@@ -119,7 +126,7 @@ class _StopFlag:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        if threading_is_main():
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -132,12 +139,6 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
@@ -186,10 +187,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     step, tokens, elapsed_before, horizon_fixed = 0, 0, 0.0, budget is None
     metrics = MetricsLogger(run_dir, use_tensorboard=cfg.tensorboard)
     if cfg.resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
-        state, sched_state = load_checkpoint(ckpt, model, optimizer)
+        state, sched_state = load_checkpoint(latest_checkpoint(run_dir), model, optimizer)
         if sched_state:
             schedule.load_state_dict(sched_state)
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -258,8 +256,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 t_timed = time.perf_counter()
             if not horizon_fixed and session_steps >= CALIBRATION_MIN_STEPS and step >= cfg.warmup_steps:
                 per_step = (time.perf_counter() - t_timed) / (session_steps - CALIBRATION_SKIP)
-                # Keep ~3% of the remaining budget for evaluations and checkpoints.
-                fit = step + max(1, int(0.97 * (budget - elapsed()) / per_step))
+                # Evaluations are forward-only (~1/3 of a training step per token): charge their share, and
+                # keep 3% of the budget for checkpoints and the final evaluation.
+                eval_share = cfg.eval_tokens / (3 * tokens_per_step * cfg.eval_every)
+                fit = step + max(1, int(0.97 * (budget - elapsed()) / (per_step * (1 + eval_share))))
                 budget_set_horizon = fit < schedule.max_steps
                 schedule.max_steps = max(min(schedule.max_steps, fit), cfg.warmup_steps + 1, step + 1)
                 horizon_fixed = True
