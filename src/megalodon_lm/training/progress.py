@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm import tqdm
@@ -13,7 +14,14 @@ class Progress:
     def __init__(self, mode: str, total: int, initial: int = 0) -> None:
         self.bar_mode = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.quiet = mode == "none"
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if self.bar_mode else None
+        # A terminal that reports no size (some ptys) would hide the bar: give tqdm a fixed size there.
+        try:
+            wide = os.get_terminal_size(sys.stderr.fileno()).columns >= 40
+        except OSError:
+            wide = False
+        self.bar = (tqdm(total=total, initial=initial, unit="step", dynamic_ncols=wide,
+                         ncols=None if wide else 110, nrows=None if wide else 40)
+                    if self.bar_mode else None)
 
     def update(self, step: int, loss: float, tok_s: float, lr: float) -> None:
         if self.bar is not None:
