@@ -133,7 +133,13 @@ class MegalodonLM(nn.Module):
         state: StreamState | None = None,
         return_state: bool = False,
         attention_mask: torch.Tensor | None = None,
+        *,
+        last_logits_only: bool = False,
     ) -> MegalodonOutput:
+        """See the class docstring. `last_logits_only=True` projects only each row's last real position:
+        logits (B, 1, V), for prefilling long prompts without materialising (B, L, V) logits."""
+        if last_logits_only and targets is not None:
+            raise ValueError("last_logits_only=True computes no loss: pass targets=None")
         valid = check_inputs(input_ids, targets, attention_mask, self.config.vocab_size)
         B, L = input_ids.shape
         if state is not None:
@@ -157,6 +163,9 @@ class MegalodonLM(nn.Module):
                 x, new_ls = block(x, ls, info, freqs)
             new_layers.append(new_ls)
         x, final_stats = self.output.final_norm(x, None if state is None else state.final_norm, valid)
+        if last_logits_only:
+            last = (lengths - 1).clamp(min=0)
+            x = x[torch.arange(B, device=x.device), last].unsqueeze(1)
         logits = F.linear(x, self.output_weight)
         logits = logits.double() if logits.dtype == torch.float64 else logits.float()
 
