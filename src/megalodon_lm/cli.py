@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     _add_train_parser(sub)
     _add_tokenizer_parser(sub)
+    from .convert.cli import add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 
