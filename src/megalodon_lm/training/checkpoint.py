@@ -16,7 +16,7 @@ Layout (format version 1)::
         latest                 text file naming the newest complete checkpoint directory
       metrics.jsonl, ...       see megalodon_lm.training.metrics
 
-A checkpoint is written into ``checkpoints/.tmp-step_XXXXXXXX-<pid>/``, fsynced and renamed into place, so a
+A checkpoint is written into ``checkpoints/.tmp-step_NNNNNNNN-<pid>/``, fsynced and renamed into place, so a
 ``step_*`` directory is always complete; ``latest`` is replaced atomically afterwards. Anything named ``.tmp-*``
 is debris of an interrupted save: readers ignore it and the next save removes it. Only one process (rank 0)
 may save into a run directory at a time.
@@ -250,7 +250,7 @@ def _prune(ckpt_root: Path, keep_last: int | None, just_written: Path) -> None:
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     scheduler_state: dict[str, Any] | None, trainer_state: dict[str, Any],
                     keep_last: int | None = 3) -> Path:
-    """Write `checkpoints/step_XXXXXXXX` atomically, point `latest` at it and prune old checkpoints.
+    """Write `checkpoints/step_NNNNNNNN` atomically, point `latest` at it and prune old checkpoints.
 
     keep_last: how many complete checkpoints to keep, the new one included (None keeps all).
     Returns the new checkpoint directory.
