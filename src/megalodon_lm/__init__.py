@@ -12,15 +12,20 @@ __all__ = [
     "StreamState",
     "TrainConfig",
     "__version__",
+    "generate",
     "load_run",
+    "load_state",
+    "save_state",
+    "stream_generate",
     "train",
 ]
 
-_LAZY = {"train": "training", "load_run": "training", "TrainConfig": "training"}
+_LAZY = {"train": "training", "load_run": "training", "TrainConfig": "training", "generate": "generation",
+         "stream_generate": "generation", "save_state": "generation", "load_state": "generation"}
 
 
 def __getattr__(name: str):
-    """Training entry points load on first use (they pull in the data and tokenizer stack)."""
+    """Training and generation entry points load on first use (they pull in the data and tokenizer stack)."""
     if name in _LAZY:
         import importlib
 

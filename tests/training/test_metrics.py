@@ -107,7 +107,9 @@ def test_real_tensorboard_if_installed(tmp_path):
 
 
 def test_plot_without_matplotlib(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` raise ImportError
+    # Make every `import matplotlib...` raise ImportError, also when another test imported it already.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
     with MetricsLogger(tmp_path, use_tensorboard=False) as logger:
         logger.log({"step": 1, "tokens": 10, "loss": 3.0})
     assert plot_metrics(tmp_path) is None

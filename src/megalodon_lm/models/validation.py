@@ -44,7 +44,7 @@ def check_inputs(
         raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != (B, L):
         raise ValueError(f"attention_mask must have shape {(B, L)}, got {tuple(attention_mask.shape)}")
-    if attention_mask.is_floating_point() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must contain only 0 and 1")
     valid = attention_mask.to(device=input_ids.device) != 0
     if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
