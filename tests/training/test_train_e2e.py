@@ -18,8 +18,7 @@ from megalodon_lm import MegalodonConfig, MegalodonLM
 from megalodon_lm.data.dataset import IGNORE_INDEX, build_corpora, sample_batch
 from megalodon_lm.data.sources import resolve_sources
 from megalodon_lm.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from megalodon_lm.training.sampling import sample_text
-from megalodon_lm.training.trainer import evaluate
+from megalodon_lm.training.trainer import evaluate, sample_text
 
 from .conftest import (
     LN2,

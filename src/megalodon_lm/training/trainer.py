@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from ..data.dataset import build_corpora, bytes_per_target, eval_windows, sample_batch
 from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
+from ..generation import generate
 from ..models import MegalodonConfig, MegalodonLM
 from ..runtime import tune_cpu_allocator
 from .checkpoint import init_run_dir, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics
 from .progress import Progress
-from .sampling import sample_text
 from .schedule import WarmupCosine
 
 # With --max-time, the schedule's horizon is fixed once the warm-up ends (the warm-up does not depend on
@@ -296,6 +296,14 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             (run_dir / "sample.txt").write_text(text, encoding="utf-8")
             print(f"sample ({run_dir / 'sample.txt'}):\n{text}")
     return TrainResult(run_dir, step, tokens, elapsed(), last_loss, val_loss, val_bpb, stopped_by, stop.signal)
+
+
+def sample_text(model: MegalodonLM, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+    """The end-of-training sample: prompt + up to max_new_tokens sampled tokens (temperature 0.8, top-k 40)."""
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
+                   eos_token_id=tokenizer.eos_id, seed=seed)[0].tolist()
+    return prompt + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
 
 
 def _optimizer_step(step_fn, data, cfg: TrainConfig, step: int, device: torch.device, autocast, run_dir: Path) -> float:
