@@ -146,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_tokenizer_parser(sub)
     from .convert.cli import add_convert_parser
+    from .evals.cli import add_eval_parser
     from .generation.cli import add_generate_parser
 
     add_generate_parser(sub)
+    add_eval_parser(sub)
     add_convert_parser(sub)
     return parser
 

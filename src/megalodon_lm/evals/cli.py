@@ -1,0 +1,108 @@
+"""`megalodon-lm eval ppl`: bits per byte vs context length for a trained run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .ppl import bpb_vs_context, load_documents, parse_contexts
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval` (with the sub-subcommand `ppl`) on an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser("eval", help="evaluate a trained run", description="Evaluation harnesses.")
+    sub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
+    _add_ppl_parser(sub)
+    return p
+
+
+def _add_ppl_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("ppl", help="bits per byte vs context length (same scored tokens at every length)",
+                       description="Score each document's last --score-tokens tokens at every context length "
+                                   "and report bits per byte. 'whole' streams the document from its start with "
+                                   "the model state carried. Defaults in brackets.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `megalodon-lm train`")
+    p.add_argument("--data", action="append", required=True, metavar="PATH",
+                   help="evaluation text: file, directory or glob (.txt/.jsonl, optionally .gz/.xz); repeatable")
+    p.add_argument("--contexts", default="512,2048,8192,whole", metavar="LIST",
+                   help="comma-separated context lengths in tokens, 'whole' = whole prefix [512,2048,8192,whole]")
+    p.add_argument("--score-tokens", type=int, default=4096, metavar="N",
+                   help="tokens scored at the end of each document [4096]")
+    p.add_argument("--max-docs", type=int, default=None, metavar="N", help="use at most N documents [all]")
+    p.add_argument("--refresh", action="store_true",
+                   help="reference TimestepNorm statistics refresh in the whole-prefix stream (~4x compute)")
+    p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step [latest]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
+    p.add_argument("--piece-tokens", type=int, default=4096, metavar="N", help="tokens per forward [4096]")
+    p.add_argument("--out", default=None, metavar="JSON", help="write the results as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a BPB vs context plot (needs matplotlib)")
+    p.set_defaults(func=run_eval_ppl)
+    return p
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text table: context, bpb, nll/token, scored tokens, scored bytes."""
+    lines = [f"{'context':>10} {'bpb':>9} {'nll/tok':>9} {'tokens':>9} {'bytes':>9}"]
+    for r in result["results"]:
+        lines.append(f"{r['label']:>10} {r['bpb']:9.4f} {r['nll_per_token']:9.4f} {r['n_tokens']:9d} "
+                     f"{r['n_bytes']:9d}")
+    return "\n".join(lines)
+
+
+def write_plot(result: dict[str, Any], path: str | Path) -> bool:
+    """BPB vs context (log x); the whole prefix as a dashed line. False (no file) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    finite = sorted((r["context"], r["bpb"]) for r in result["results"] if r["context"] is not None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if finite:
+        ax.plot([c for c, _ in finite], [b for _, b in finite], marker="o", label="context c")
+        ax.set_xscale("log", base=2)
+    for r in result["results"]:
+        if r["context"] is None:
+            ax.axhline(r["bpb"], linestyle="--", color="tab:red", label="whole prefix")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"BPB vs context ({result['n_documents']} docs, last {result['score_tokens']} tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _check_args(args: argparse.Namespace) -> list[int | None]:
+    if args.score_tokens < 1:
+        raise ValueError(f"--score-tokens must be >= 1, got {args.score_tokens}")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise ValueError(f"--max-docs must be >= 1, got {args.max_docs}")
+    if args.piece_tokens < 1:
+        raise ValueError(f"--piece-tokens must be >= 1, got {args.piece_tokens}")
+    return parse_contexts(args.contexts)
+
+
+def run_eval_ppl(args: argparse.Namespace) -> int:
+    """Handler of `megalodon-lm eval ppl`: table to stdout, optional JSON and plot. Returns 0."""
+    from ..training.checkpoint import load_run  # lazy: keeps `--help` fast
+
+    contexts = _check_args(args)
+    documents = load_documents(args.data, args.max_docs)
+    model, tokenizer = load_run(args.run_dir, device=torch.device(args.device), step=args.step)
+    result = bpb_vs_context(model, tokenizer, documents, contexts, args.score_tokens, refresh=args.refresh,
+                            piece_tokens=args.piece_tokens)
+    result["run_dir"] = str(args.run_dir)
+    print(format_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot and not write_plot(result, args.plot):
+        print("note: matplotlib is not installed; no plot written", file=sys.stderr)
+    return 0

@@ -1,0 +1,208 @@
+"""Bits per byte (BPB) vs context length, with the same scored tokens at every context length.
+
+Scoring rule (docs/evaluation.md §3). A document is tokenized without BOS/EOS into tokens x_0..x_{n-1}. Its
+scored region is its last `min(score_tokens, n - 1)` tokens (x_0 is never scored: nothing predicts it), so a
+short document scores what exists, and the region depends only on the document, never on the context length.
+
+What "context c" means. The scored region is cut into blocks of b = max(1, c // 2) targets. The block of
+targets x_{t0}..x_{t1-1} is predicted from one window of inputs starting at w = max(0, t1 - 1 - c), so
+target x_t is predicted from tokens x_w..x_{t-1}: at most c and at least c - b + 1 (>= c/2) tokens, fewer only
+where the document starts closer. A context >= the document length therefore is the whole prefix.
+
+`None` = whole prefix: the document is streamed from x_0 with the model state carried (CEMA, TimestepNorm
+statistics, partial attention chunk), `piece_tokens` per forward; unscored pieces project no logits, so memory
+does not grow with the document. With `refresh=True` the reference's TimestepNorm statistics refresh
+(reference-spec §7.2) is applied: 2-chunk pieces, and after a piece ending at token e >= 8 chunks (with more
+tokens left) the norm statistics are recomputed by a fresh run over the last 6 chunks and swapped in.
+
+BPB = sum NLL (nats) / ln 2 / sum of the scored tokens' byte lengths (`tokenizer.token_byte_lengths()`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.sources import iter_documents, resolve_sources
+from ..models.megalodon import MegalodonLM
+from ..models.state import StreamState
+
+REFRESH_MIN_CHUNKS = 8  # reference TRUNCATE_CHUNKS: refresh once this many chunks are consumed
+REFRESH_WINDOW_CHUNKS = 6  # the fresh statistics come from the last 6 chunks
+REFRESH_PIECE_CHUNKS = 2  # reference MAX_CHUNKS_PER_BATCH: chunks per forward when refreshing
+
+
+# ---------------------------------------------------------------------- inputs
+def load_documents(paths: Sequence[str | Path], max_docs: int | None = None) -> list[bytes]:
+    """Raw bytes of every document in `paths` (files, directories, globs; .txt/.jsonl, optionally .gz/.xz)."""
+    docs: list[bytes] = []
+    for path in resolve_sources(paths):
+        for doc in iter_documents(path):
+            if max_docs is not None and len(docs) >= max_docs:
+                return docs
+            docs.append(doc.text)
+    return docs
+
+
+def parse_contexts(spec: str) -> list[int | None]:
+    """"512,2048,whole" -> [512, 2048, None]. Raises ValueError for anything else."""
+    out: list[int | None] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if item.lower() in ("whole", "all", "none", "inf"):
+            out.append(None)
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"--contexts: {item!r} is neither a positive integer nor 'whole'") from None
+        if value < 1:
+            raise ValueError(f"--contexts: context lengths must be >= 1, got {value}")
+        out.append(value)
+    if not out:
+        raise ValueError("--contexts: give at least one context length")
+    return out
+
+
+def encode_document(tokenizer: Any, document: bytes | str) -> list[int]:
+    """Token ids of one document (raw bytes go through `encode_bytes` when the tokenizer has it)."""
+    if isinstance(document, str):
+        return list(tokenizer.encode(document))
+    if hasattr(tokenizer, "encode_bytes"):
+        return list(tokenizer.encode_bytes(document))
+    return list(tokenizer.encode(document.decode("utf-8", errors="replace")))
+
+
+def scored_start(n_tokens: int, score_tokens: int) -> int:
+    """Index of the first scored token of an `n_tokens` document: the last `score_tokens` are scored, never x_0."""
+    return max(1, n_tokens - score_tokens)
+
+
+# ---------------------------------------------------------------------- streaming core
+def _swap_norm_stats(state: StreamState, fresh: StreamState) -> StreamState:
+    """`state` with every TimestepNorm's statistics (per layer and final) taken from `fresh`."""
+    layers = [ls._replace(norm=f.norm) for ls, f in zip(state.layers, fresh.layers, strict=True)]
+    return replace(state, layers=layers, final_norm=fresh.final_norm)
+
+
+def _refresh(model: MegalodonLM, ids: torch.Tensor, end: int, total: int, state: StreamState) -> StreamState:
+    """Reference §7.2: after a piece ending at `end` >= 8 chunks (tokens left), recompute the norm statistics."""
+    c = model.config.chunk_size
+    if end < REFRESH_MIN_CHUNKS * c or end >= total:
+        return state
+    window = ids[:, end - REFRESH_WINDOW_CHUNKS * c:end]
+    fresh = model(window, return_state=True, last_logits_only=True).state
+    return _swap_norm_stats(state, fresh)
+
+
+def stream_nll(model: MegalodonLM, inputs: torch.Tensor, targets: torch.Tensor, n_unscored: int,
+               piece_tokens: int, refresh: bool = False) -> torch.Tensor:
+    """Per-target NLL (nats, float64) of feeding `inputs` (L,) in one carried stream, scoring positions >= n_unscored.
+
+    `targets` (L - n_unscored,) are the tokens that follow inputs[n_unscored:]. Pieces of `piece_tokens` are fed
+    in turn (2 chunks, aligned, when `refresh`); unscored positions project no logits.
+    """
+    if refresh:
+        piece_tokens = REFRESH_PIECE_CHUNKS * model.config.chunk_size
+    ids = inputs.to(model.embed.weight.device).unsqueeze(0)
+    total = ids.shape[1]
+    state: StreamState | None = None
+    nlls = []
+    for start in range(0, total, piece_tokens):
+        end = min(start + piece_tokens, total)
+        if end <= n_unscored:  # nothing scored here: carry the state only
+            state = model(ids[:, start:end], state=state, return_state=True, last_logits_only=True).state
+        else:
+            if start < n_unscored:  # split so that only scored positions are projected
+                state = model(ids[:, start:n_unscored], state=state, return_state=True, last_logits_only=True).state
+                start = n_unscored
+            out = model(ids[:, start:end], state=state, return_state=True)
+            state = out.state
+            tgt = targets[start - n_unscored:end - n_unscored].to(out.logits.device)
+            nlls.append(F.cross_entropy(out.logits[0].float(), tgt, reduction="none").double().cpu())
+        if refresh:
+            state = _refresh(model, ids, end, total, state)
+    return torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)
+
+
+def _whole_prefix_nll(model: MegalodonLM, ids: torch.Tensor, first: int, piece_tokens: int,
+                      refresh: bool) -> torch.Tensor:
+    """NLL of targets ids[first:] streamed from ids[0]."""
+    return stream_nll(model, ids[:-1], ids[first:], first - 1, piece_tokens, refresh)
+
+
+def _windowed_nll(model: MegalodonLM, ids: torch.Tensor, first: int, context: int, piece_tokens: int) -> torch.Tensor:
+    """NLL of targets ids[first:], each predicted from at most `context` (at least context - b + 1) tokens."""
+    block = max(1, context // 2)
+    n = ids.shape[0]
+    parts = []
+    for t0 in range(first, n, block):
+        t1 = min(t0 + block, n)
+        w = max(0, t1 - 1 - context)
+        parts.append(stream_nll(model, ids[w:t1 - 1], ids[t0:t1], t0 - 1 - w, piece_tokens))
+    return torch.cat(parts)
+
+
+def document_nll(model: MegalodonLM, ids: torch.Tensor, first: int, context: int | None,
+                 piece_tokens: int = 4096, refresh: bool = False) -> torch.Tensor:
+    """Per-token NLL (float64) of the scored targets ids[first:] at one context length (None = whole prefix)."""
+    if context is None or context >= ids.shape[0] - 1:
+        return _whole_prefix_nll(model, ids, first, piece_tokens, refresh and context is None)
+    return _windowed_nll(model, ids, first, context, piece_tokens)
+
+
+# ---------------------------------------------------------------------- public API
+def _context_result(context: int | None, nll: float, n_tokens: int, n_bytes: int) -> dict[str, Any]:
+    return {
+        "context": context,
+        "label": "whole" if context is None else str(context),
+        "bpb": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
+        "nll_per_token": nll / n_tokens if n_tokens else float("nan"),
+        "nll_sum": nll,
+        "n_tokens": n_tokens,
+        "n_bytes": n_bytes,
+    }
+
+
+def _encode_all(tokenizer: Any, documents: Iterable[bytes | str]) -> list[torch.Tensor]:
+    """Token tensors of the documents that have at least one target (>= 2 tokens)."""
+    encoded = (torch.tensor(encode_document(tokenizer, d), dtype=torch.long) for d in documents)
+    return [ids for ids in encoded if ids.shape[0] >= 2]
+
+
+def bpb_vs_context(model: MegalodonLM, tokenizer: Any, documents: list[bytes | str], contexts: list[int | None],
+                   score_tokens: int, refresh: bool = False, piece_tokens: int = 4096) -> dict[str, Any]:
+    """BPB of the same scored tokens (each document's last `score_tokens`) at every context length.
+
+    Returns {"score_tokens", "n_documents", "refresh", "results": [{context, label, bpb, nll_per_token,
+    nll_sum, n_tokens, n_bytes}, ...]} in the order of `contexts` (None = whole prefix). `refresh` applies
+    only to the whole-prefix stream. Raises ValueError for bad arguments or when nothing can be scored.
+    """
+    if score_tokens < 1 or piece_tokens < 1:
+        raise ValueError("score_tokens and piece_tokens must be >= 1")
+    if not contexts or any(c is not None and c < 1 for c in contexts):
+        raise ValueError(f"contexts must be a non-empty list of positive ints or None, got {contexts}")
+    docs = _encode_all(tokenizer, documents)
+    if not docs:
+        raise ValueError("no document has two or more tokens: nothing to score")
+    byte_len = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
+    firsts = [scored_start(ids.shape[0], score_tokens) for ids in docs]
+    n_tokens = sum(ids.shape[0] - f for ids, f in zip(docs, firsts, strict=True))
+    n_bytes = sum(int(byte_len[ids[f:]].sum()) for ids, f in zip(docs, firsts, strict=True))
+    results = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for context in contexts:
+                nll = sum(float(document_nll(model, ids, f, context, piece_tokens, refresh).sum())
+                          for ids, f in zip(docs, firsts, strict=True))
+                results.append(_context_result(context, nll, n_tokens, n_bytes))
+    finally:
+        model.train(was_training)
+    return {"score_tokens": score_tokens, "n_documents": len(docs), "refresh": refresh, "results": results}
