@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..models import MegalodonLM, StreamState
 from ..models.validation import check_state
+from ..training.checkpoint import unaliased_cpu
 
 STATE_FORMAT = "megalodon-lm-stream-state"
 STATE_FORMAT_VERSION = 1
@@ -36,21 +37,6 @@ class StateFileInfo:
     config: dict[str, Any] | None  # the saving model's MegalodonConfig.to_dict(), when it was given
     next_tokens: list[int] | None  # pending token per row, when saved by a generation
     rng_state: torch.Tensor | None  # uint8 CPU torch.Generator state, when saved
-
-
-def _unaliased_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, no two sharing storage (safetensors refuses aliases)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            t = t.clone()
-        elif t.numel():
-            seen.add(ptr)
-        out[name] = t
-    return out
 
 
 def save_state(
@@ -84,7 +70,7 @@ def save_state(
     out = Path(path)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     try:
-        save_file(_unaliased_cpu(tensors), str(tmp), metadata=metadata)
+        save_file(unaliased_cpu(tensors), str(tmp), metadata=metadata)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -211,23 +211,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------- saving
-def _tensors_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies of the state dict in which no two entries share storage.
+def unaliased_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies in which no two entries share storage.
 
     safetensors refuses aliased tensors (tied weights, views into a fused buffer); giving each alias its own
-    copy keeps every state-dict key, so a strict load assigns the same values to all of them again.
+    copy keeps every key, so a strict load assigns the same values to all of them again.
     """
-    tensors: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, value in model.state_dict().items():
+    for name, value in tensors.items():
         t = value.detach().to("cpu").contiguous()
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:
             t = t.clone()
         elif t.numel():
             seen.add(ptr)
-        tensors[name] = t
-    return tensors
+        out[name] = t
+    return out
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -267,7 +267,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     name = _step_dir_name(step)
     tmp = ckpt_root / f"{TMP_PREFIX}{name}-{os.getpid()}"
     tmp.mkdir()
-    save_file(_tensors_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    save_file(unaliased_cpu(model.state_dict()), str(tmp / MODEL_FILE), metadata={"format": "pt"})
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     if scheduler_state is not None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..data.dataset import build_corpora, bytes_per_target, eval_windows, sample_batch
 from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
-from ..generation import generate
+from ..generation.decoding import generate
 from ..models import MegalodonConfig, MegalodonLM
 from ..runtime import tune_cpu_allocator
 from .checkpoint import init_run_dir, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
