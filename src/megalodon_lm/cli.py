@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_convert_parser(sub)
+    from .hf_cli import add_hf_parsers
+
+    add_hf_parsers(sub)
     return parser
 
 

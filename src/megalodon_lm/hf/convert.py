@@ -1,0 +1,66 @@
+"""Conversion between megalodon-lm run directories and transformers model directories.
+
+`export_hf(run_dir, out_dir)` writes config.json + model.safetensors (+ generation_config.json) and the run's
+tokenizer: our `tokenizer_config.json` always (`megalodon_lm.data.tokenizer.load_tokenizer(out_dir)` reads it,
+also for the byte tokenizer, which has no transformers tokenizer), plus `tokenizer.json` for a BPE run, so
+`PreTrainedTokenizerFast(tokenizer_file=out_dir / "tokenizer.json")` works.
+`import_hf(hf_dir, run_dir)` makes a run directory (one checkpoint) that `load_run` reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TOKENIZER_JSON = "tokenizer.json"
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """Export a run's latest (or given-step) checkpoint and tokenizer as a transformers directory."""
+    from ..data.tokenizer import save_tokenizer
+    from ..training.checkpoint import load_run
+    from .configuration import MegalodonHFConfig
+    from .modeling import MegalodonForCausalLM
+
+    model, tok = load_run(run_dir, step=step)
+    config = MegalodonHFConfig.from_megalodon_config(model.config, eos_token_id=tok.eos_id)
+    hf_model = MegalodonForCausalLM(config)
+    hf_model.model.load_state_dict(model.state_dict(), strict=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out)
+    save_tokenizer(tok, out)
+    return out
+
+
+def _load_hf_dir_tokenizer(hf_dir: Path, tokenizer: str | Path | None):
+    from ..data.tokenizer import HFTokenizer, load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    try:
+        return load_tokenizer(hf_dir)
+    except (ValueError, FileNotFoundError):
+        if (hf_dir / TOKENIZER_JSON).is_file():  # a transformers tokenizer_config.json next to a tokenizer.json
+            return HFTokenizer(hf_dir / TOKENIZER_JSON)
+        raise
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | None = None, step: int = 0) -> Path:
+    """Make a run directory (model_config.json, tokenizer/, checkpoints/step_N) from a transformers directory.
+
+    tokenizer: 'byte' or a tokenizer path when `hf_dir` holds none that `load_tokenizer` can read.
+    """
+    from ..data.tokenizer import save_tokenizer
+    from ..training.checkpoint import TOKENIZER_DIR, init_run_dir, save_checkpoint
+    from .modeling import MegalodonForCausalLM
+
+    src = Path(hf_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a transformers model directory (no config.json)")
+    tok = _load_hf_dir_tokenizer(src, tokenizer)
+    hf_model = MegalodonForCausalLM.from_pretrained(src)
+    cfg = hf_model.config.to_megalodon_config()
+    path = init_run_dir(run_dir, cfg, {"imported_from": str(src.resolve())}, resume=False)
+    save_tokenizer(tok, path / TOKENIZER_DIR)
+    save_checkpoint(path, step, hf_model.model, None, None, {"step": step, "imported_from": str(src.resolve())})
+    return path
