@@ -170,3 +170,18 @@ def test_load_rejects_config_that_does_not_match(bpe: HFTokenizer, tmp_path: Pat
     path.write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 1}))
     with pytest.raises(ValueError, match="vocab_size"):
         load_tokenizer(tmp_path / "tok")
+
+
+def test_saved_bpe_directory_loads_with_transformers_autotokenizer(tmp_path):
+    """The saved tokenizer_config.json doubles as transformers' own, so exports work with AutoTokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from megalodon_lm.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+
+    text = "the quick brown fox jumps over the lazy dog. " * 200
+    tok = train_bpe([text], 300, tmp_path / "bpe.json")
+    save_tokenizer(tok, tmp_path / "tok")
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    sample = "the lazy fox jumps"
+    assert auto(sample)["input_ids"] == tok.encode(sample)
+    assert auto.eos_token_id == tok.eos_id
+    assert load_tokenizer(tmp_path / "tok").vocab_size == tok.vocab_size

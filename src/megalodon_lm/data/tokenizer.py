@@ -221,6 +221,10 @@ def save_tokenizer(tok: AnyTokenizer, directory: str | Path) -> None:
         raise TypeError(f"cannot save a {type(tok).__name__}: expected ByteTokenizer or HFTokenizer")
     config = {"type": tok.kind, "format_version": CONFIG_FORMAT_VERSION, "vocab_size": tok.vocab_size,
               "eos_id": tok.eos_id}
+    if isinstance(tok, HFTokenizer):
+        # The same file is transformers' tokenizer_config.json: these two fields make the directory load with
+        # AutoTokenizer.from_pretrained as well (our fields are ignored there).
+        config.update(tokenizer_class="PreTrainedTokenizerFast", eos_token=tok.tokenizer.id_to_token(tok.eos_id))
     (d / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
@@ -234,6 +238,8 @@ def _load_directory(d: Path) -> AnyTokenizer:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid {config_path}: {e}") from e
+    if "format_version" not in config and (d / TOKENIZER_NAME).is_file():  # transformers' own config file
+        return HFTokenizer(d / TOKENIZER_NAME)
     if config.get("format_version") != CONFIG_FORMAT_VERSION:
         raise ValueError(f"{config_path}: unsupported format_version {config.get('format_version')!r}")
     kind = config.get("type")
