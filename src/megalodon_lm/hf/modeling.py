@@ -96,7 +96,7 @@ class MegalodonForCausalLM(MegalodonPreTrainedModel, GenerationMixin):
         only the last k positions' logits.
         """
         if inputs_embeds is not None:
-            raise NotImplementedError("MegalodonForCausalLM takes input_ids only (no inputs_embeds)")
+            raise ValueError("MegalodonForCausalLM takes input_ids only (inputs_embeds is not supported)")
         if input_ids is None:
             raise ValueError("input_ids is required")
         if cache is not None and past_key_values is not None and cache is not past_key_values:
