@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from megalodon_lm import MegalodonConfig, MegalodonLM
 from megalodon_lm.generation import generate, prefill, stream_generate
 from megalodon_lm.generation.decoding import _filter, _penalise
 
-# Chunk 8: prompts and decodes cross several attention-chunk boundaries.
-SMALL = dict(num_layers=2, model_dim=64, z_dim=32, value_dim=64, num_heads=2, ffn_hidden_dim=128, chunk_size=8,
-             norm_num_groups=8)
-
-
-@functools.cache
-def _model(**overrides) -> MegalodonLM:
-    torch.manual_seed(0)
-    return MegalodonLM(MegalodonConfig.from_preset("nano", **{**SMALL, **overrides})).eval()
+from .helpers import small_model as _model
 
 
 def _ids(n: int, seed: int) -> torch.Tensor:

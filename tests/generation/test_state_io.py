@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from megalodon_lm import MegalodonConfig, MegalodonLM
 from megalodon_lm.generation import STATE_FORMAT_VERSION, generate, load_state, read_state_info, save_state
 
-SMALL = dict(num_layers=2, model_dim=64, z_dim=32, value_dim=64, num_heads=2, ffn_hidden_dim=128, chunk_size=8,
-             norm_num_groups=8)
-
-
-@functools.cache
-def _model(**overrides) -> MegalodonLM:
-    torch.manual_seed(0)
-    return MegalodonLM(MegalodonConfig.from_preset("nano", **{**SMALL, **overrides})).eval()
+from .helpers import small_model as _model
 
 
 def _rows():

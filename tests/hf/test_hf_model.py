@@ -209,3 +209,17 @@ def test_export_import_bpe_run_and_cli(tmp_path):
     assert tok2.fingerprint() == tok.fingerprint()
     ids = torch.tensor([tok.encode("hello world, the lazy dog")])
     torch.testing.assert_close(model2(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+def test_hf_config_declares_every_megalodon_field_with_the_same_default():
+    """The HF config repeats MegalodonConfig's fields (transformers configs declare them on the class):
+    this guard fails when the two drift apart."""
+    import dataclasses
+
+    hf = _hf()
+    from megalodon_lm import MegalodonConfig
+
+    ours = {f.name: f.default for f in dataclasses.fields(MegalodonConfig)}
+    cfg = hf.MegalodonHFConfig()
+    assert {name: getattr(cfg, name) for name in ours} == ours
+    assert cfg.to_megalodon_config() == MegalodonConfig()

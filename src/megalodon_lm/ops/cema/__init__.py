@@ -34,7 +34,10 @@ def cema(
         return _dispatch(impl, x, coef, h0, lengths, need_state)
 
 
-def _dispatch(impl, x, coef, h0, lengths, need_state):
+def _dispatch(
+    impl: str, x: torch.Tensor, coef: CemaCoefficients, h0: torch.Tensor | None, lengths: torch.Tensor | None,
+    need_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     L = x.shape[1]
     if impl == "naive" or (impl == "auto" and L <= RECURRENT_MAX_LEN):  # also handles L == 0
         valid = None
