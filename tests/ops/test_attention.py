@@ -283,3 +283,34 @@ def test_rows_at_different_offsets_with_lengths():
             assert rel(out[b : b + 1, :n], o_b) <= 1e-12, f"row {b} output"
         assert same(nk[b : b + 1, :r], k_b) and same(nv[b : b + 1, :r], v_b), f"row {b} cache"
         assert bool((nk[b, r:] == 0).all()) and bool((nv[b, r:] == 0).all()), f"row {b}: padding in cache"
+
+
+@pytest.mark.parametrize("mode", ["heads", "loop", "off"])
+@pytest.mark.parametrize("dv", [DZ - 1, DZ, 2 * DZ, DV])
+def test_value_split_modes(mode, dv, monkeypatch):
+    """Every way of feeding wide value heads to SDPA (repeated q/k heads, a loop over slices, one math
+    call) gives the naive result, with value widths below, equal to, a multiple of and not a multiple of
+    the query width: outputs, gradients and the streaming path (rel 1e-10)."""
+    monkeypatch.setenv("MEGALODON_ATTN_VALUE_SPLIT", mode)
+    L = 2 * C + 3
+    q, k, _ = qkv(2, L, seed=70 + dv)
+    v = torch.randn(2, L, H, dv, generator=torch.Generator().manual_seed(71), dtype=F64)
+    w = torch.randn(2, L, H, dv, generator=torch.Generator().manual_seed(72), dtype=F64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        return (out, *torch.autograd.grad((out * w).sum(), leaves))
+
+    got = grads(lambda q, k, v: chunk_attention(q, k, v, FREQS, C)[0])
+    ref = grads(lambda q, k, v: chunk_attention_naive(q, k, v, FREQS, C))
+    for name, a, b in zip(["out", "q", "k", "v"], got, ref, strict=True):
+        assert rel(a, b) <= 1e-10, name
+    assert rel(_stream(q, k, v, [3, C, 1, 2, 1]), ref[0]) <= 1e-10
+
+
+def test_value_split_mode_is_validated(monkeypatch):
+    monkeypatch.setenv("MEGALODON_ATTN_VALUE_SPLIT", "fast")
+    q, k, v = qkv(1, C, seed=1)
+    with pytest.raises(ValueError, match="MEGALODON_ATTN_VALUE_SPLIT"):
+        chunk_attention(q, k, v, FREQS, C)

@@ -17,14 +17,16 @@ continuation can differ from one long call.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from ..models import MegalodonLM, StreamState
+from .static_decode import StaticDecoder
 
 PromptIds = torch.Tensor | Sequence[Sequence[int] | torch.Tensor]
 
@@ -235,10 +237,11 @@ class _Job:
     eos: int | None
     rng: torch.Generator | None
     prefill_chunk: int
+    compile: bool = False
 
 
 def _prepare(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed,
-             state, prefill_chunk) -> _Job:
+             state, prefill_chunk, compile=False) -> _Job:
     if not isinstance(model, MegalodonLM):
         raise TypeError(f"model must be a MegalodonLM, got {type(model).__name__}")
     _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, prefill_chunk)
@@ -253,18 +256,23 @@ def _prepare(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repet
     if state is not None and state.batch_size != ids.shape[0]:
         raise ValueError(f"state is for batch size {state.batch_size}, but there are {ids.shape[0]} prompts")
     return _Job(ids, lengths, state, max_new_tokens, float(temperature), top_k, top_p, repetition_penalty,
-                eos_token_id, _make_rng(seed), prefill_chunk)
+                eos_token_id, _make_rng(seed), prefill_chunk, bool(compile))
 
 
-def _decode(model: MegalodonLM, job: _Job) -> Iterator[tuple[torch.Tensor, StreamState]]:
-    """Prefill, then yield (tokens (B,) on the model's device, state) per step, in eval mode throughout."""
+def _identity(x):
+    return x
+
+
+def _decode(model: MegalodonLM, job: _Job) -> Iterator[tuple[torch.Tensor, Callable[[], StreamState]]]:
+    """Prefill, then yield (tokens (B,) on the model's device, a function giving the state now) per step, in
+    eval mode throughout. The state is built only when asked for (the compiled decoder converts it)."""
     if job.max_new_tokens == 0:
         return
     with _eval_mode(model):
         yield from _decode_steps(model, job)
 
 
-def _decode_steps(model: MegalodonLM, job: _Job) -> Iterator[tuple[torch.Tensor, StreamState]]:
+def _decode_steps(model: MegalodonLM, job: _Job) -> Iterator[tuple[torch.Tensor, Callable[[], StreamState]]]:
     ids, lengths = job.ids, job.lengths
     B, vocab = ids.shape[0], model.config.vocab_size
     state, pending = _prefill(model, ids, lengths, job.state, job.prefill_chunk)
@@ -274,14 +282,20 @@ def _decode_steps(model: MegalodonLM, job: _Job) -> Iterator[tuple[torch.Tensor,
         real = torch.arange(ids.shape[1]) < lengths[:, None]
         seen[torch.arange(B)[:, None].expand_as(ids)[real], ids[real]] = True
     done = torch.zeros(B, dtype=torch.bool)
+    # compile=True: fixed-shape state and one compiled graph for every step (generation/static_decode.py).
+    decoder = StaticDecoder(model, state, compile=True) if job.compile else None
     for _ in range(job.max_new_tokens):
         # Finished rows are fully padded: their state stays where their EOS became pending.
-        mask = (~done)[:, None].to(pending.device) if bool(done.any()) else None
-        out = _step(model, pending[:, None], mask, state)
-        state = out.state
+        if decoder is None:
+            mask = (~done)[:, None].to(pending.device) if bool(done.any()) else None
+            out = _step(model, pending[:, None], mask, state)
+            state, raw = out.state, out.logits[:, -1]
+            state_fn = functools.partial(_identity, state)
+        else:
+            raw, state_fn = decoder.step(pending, (~done).to(pending.device)), decoder.stream_state
         # Sample on the CPU: one code path and one RNG stream whatever the model's device. An output layer
         # wider than the vocabulary (output_size) must not produce ids the embedding cannot take.
-        logits = out.logits[:, -1, :vocab].cpu().masked_fill(done[:, None], 0.0)
+        logits = raw[:, :vocab].cpu().masked_fill(done[:, None], 0.0)
         nxt = _sample(logits, seen, job.temperature, job.top_k, job.top_p, job.penalty, job.rng)
         if job.eos is not None:
             nxt = nxt.masked_fill(done, job.eos)
@@ -289,7 +303,7 @@ def _decode_steps(model: MegalodonLM, job: _Job) -> Iterator[tuple[torch.Tensor,
         if seen is not None:
             seen[torch.arange(B), nxt] = True
         pending = nxt.to(pending.device)
-        yield pending, state
+        yield pending, state_fn
         if bool(done.all()):
             return
 
@@ -308,6 +322,7 @@ def stream_generate(
     state: StreamState | None = None,
     prefill_chunk: int = 4096,
     return_state: bool = False,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, StreamState]]:
     """Like `generate`, but yields each step's tokens (B,) int64 as they are produced; with return_state,
     (tokens, state) where the state has consumed everything before these tokens (they are pending).
@@ -316,9 +331,10 @@ def stream_generate(
     stopped before yield EOS). Arguments are checked at the call, before the first token.
     """
     job = _prepare(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id,
-                   seed, state, prefill_chunk)
+                   seed, state, prefill_chunk, compile)
     steps = _decode(model, job)
-    return steps if return_state else (tokens for tokens, _ in steps)
+    # A state is read when its step is yielded, before the next step runs.
+    return ((tokens, state_fn()) for tokens, state_fn in steps) if return_state else (t for t, _ in steps)
 
 
 def generate(
@@ -335,6 +351,7 @@ def generate(
     state: StreamState | None = None,
     prefill_chunk: int = 4096,
     return_state: bool = False,
+    compile: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, StreamState]:
     """Generate `max_new_tokens` tokens after each prompt row -> (B, max_new_tokens) int64, prompt excluded.
 
@@ -345,21 +362,23 @@ def generate(
     one, None for torch's global RNG). Rows that produce `eos_token_id` are filled with it afterwards;
     without one, generation never stops early. `state` continues a stream (see the module docstring:
     pass the previous call's tokens[:, -1:] first); with return_state=True returns (tokens, state).
+    compile=True decodes with a `torch.compile`d fixed-shape step (generation/static_decode.py): the same
+    tokens up to float rounding, about 2x faster per token on CPU after a one-off compile of tens of seconds.
     The result is on the model's device.
     """
     job = _prepare(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id,
-                   seed, state, prefill_chunk)
+                   seed, state, prefill_chunk, compile)
     device = model.embed.weight.device
     tokens = torch.empty(job.ids.shape[0], max_new_tokens, dtype=torch.long, device=device)
-    last_state, n = None, 0
-    for step_tokens, step_state in _decode(model, job):
+    last_state_fn, n = None, 0
+    for step_tokens, state_fn in _decode(model, job):
         tokens[:, n] = step_tokens
-        last_state, n = step_state, n + 1
+        last_state_fn, n = state_fn, n + 1
     if n < max_new_tokens:  # only when every row stopped at EOS
         tokens[:, n:] = job.eos
     if not return_state:
         return tokens
-    if last_state is None:  # max_new_tokens == 0: the prefilled state, each row's last prompt token pending
+    if last_state_fn is None:  # max_new_tokens == 0: the prefilled state, each row's last prompt token pending
         with _eval_mode(model):
-            last_state, _ = _prefill(model, job.ids, job.lengths, job.state, job.prefill_chunk)
-    return tokens, last_state
+            return tokens, _prefill(model, job.ids, job.lengths, job.state, job.prefill_chunk)[0]
+    return tokens, last_state_fn()

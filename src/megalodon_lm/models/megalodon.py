@@ -147,7 +147,9 @@ class MegalodonLM(nn.Module):
         need_state = return_state or state is not None
         lengths = valid.sum(1) if valid is not None else torch.full((B,), L, device=input_ids.device)
         positions = state.positions if state is not None else torch.zeros_like(lengths)
-        info = StreamInfo(valid, lengths, positions % self.config.chunk_size, need_state)
+        # No state: every row starts a chunk; offsets=None lets attention skip a host-synchronising grouping.
+        offsets = None if state is None else positions % self.config.chunk_size
+        info = StreamInfo(valid, lengths, offsets, need_state)
 
         x = self.embed(input_ids)
         if self.emb_scale != 1.0:

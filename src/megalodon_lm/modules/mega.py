@@ -31,7 +31,7 @@ class StreamInfo(NamedTuple):
 
     valid: torch.Tensor | None  # (B, L) bool, False = right padding
     lengths: torch.Tensor  # (B,) real tokens per row in this call
-    offsets: torch.Tensor  # (B,) position of each row inside its current attention chunk
+    offsets: torch.Tensor | None  # (B,) position of each row inside its current chunk; None = all 0
     need_state: bool
 
 

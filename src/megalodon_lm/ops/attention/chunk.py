@@ -14,17 +14,55 @@ in groups of equal offset.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from ..rope import apply_rope
 
+VALUE_SPLIT_MODES = ("auto", "heads", "loop", "off")
+
+
+def value_split_mode() -> str:
+    """MEGALODON_ATTN_VALUE_SPLIT: how value heads wider than the query heads reach SDPA's fused kernels.
+
+    heads: one call with the q/k heads repeated once per query-width slice of v (default);
+    loop: one call per slice (q @ k^T recomputed per slice, less memory for the repeated q/k);
+    off: one call with the wide v, which SDPA can only serve with its math path (C x C scores stored).
+    """
+    mode = os.environ.get("MEGALODON_ATTN_VALUE_SPLIT", "auto")
+    if mode not in VALUE_SPLIT_MODES:
+        raise ValueError(f"MEGALODON_ATTN_VALUE_SPLIT must be one of {VALUE_SPLIT_MODES}, got {mode!r}")
+    return "heads" if mode == "auto" else mode
+
+
+def _sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, **kw) -> torch.Tensor:
+    """(N, H, L, d) layout; no 1/sqrt(d) scaling (it is folded into the q/k affine)."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=1.0, **kw)
+
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, **kw) -> torch.Tensor:
-    """(N, L, H, d) layout in and out; no 1/sqrt(d) scaling (it is folded into the q/k affine)."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, scale=1.0, **kw
-    )
+    """(N, L, H, d) layout in and out. SDPA's fused (flash) kernels need v as wide as q (Megalodon's value
+    heads are several times wider: 384 vs 64 in `tiny`, 2048 vs 256 at 7B), so v is cut into query-width
+    slices (the last one zero-padded) that share the attention weights: exact, since softmax(qk^T) v is
+    linear in v column by column. Dropout would draw different masks per slice, so it keeps one call."""
+    dz, dv = q.shape[-1], v.shape[-1]
+    mode = value_split_mode() if dv > dz and dropout_p == 0.0 else "off"
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if mode == "off":
+        return _sdpa_call(qt, kt, vt, dropout_p, **kw).transpose(1, 2)
+    r = -(-dv // dz)
+    if r * dz != dv:
+        vt = F.pad(vt, (0, r * dz - dv))
+    if mode == "loop":
+        out = torch.cat([_sdpa_call(qt, kt, vs, 0.0, **kw) for vs in vt.split(dz, dim=-1)], dim=-1)
+        return out[..., :dv].transpose(1, 2)
+    N, H, Lq, _ = qt.shape
+    # (N, H, L, r*dz) -> (N, H*r, L, dz): head h's slices become heads h*r .. h*r+r-1.
+    vh = vt.unflatten(-1, (r, dz)).transpose(2, 3).reshape(N, H * r, vt.shape[2], dz)
+    out = _sdpa_call(qt.repeat_interleave(r, dim=1), kt.repeat_interleave(r, dim=1), vh, 0.0, **kw)
+    out = out.view(N, H, r, Lq, dz).transpose(2, 3).reshape(N, H, Lq, r * dz)[..., :dv]
     return out.transpose(1, 2)
 
 
@@ -126,8 +164,8 @@ def chunk_attention(
     if L == 0:
         return v.new_zeros(B, 0, *v.shape[2:]), cache_k, cache_v
     if offsets is None:
-        offsets = torch.zeros(B, dtype=torch.long, device=q.device)
-    if B == 1 or bool((offsets == offsets[0]).all()):
+        groups: list[tuple[int, torch.Tensor | None]] = [(0, None)]
+    elif B == 1 or bool((offsets == offsets[0]).all()):
         groups = [(int(offsets[0]), None)]
     else:
         groups = [(int(o), (offsets == o).nonzero().view(-1)) for o in torch.unique(offsets).tolist()]
