@@ -93,13 +93,14 @@ def test_errors():
 
 
 def test_generate_compile_path_equals_eager(monkeypatch):
-    """generate(compile=True) routes decoding through StaticDecoder (torch.compile replaced by identity
+    """generate(compile=True) routes decoding through StaticDecoder (the compiled step replaced by the eager one
     here; tests/models/test_compile.py compiles for real): same greedy and seeded tokens, with ragged
     prompts and EOS-finished rows, and a returned state that continues identically."""
     import megalodon_lm.generation.static_decode as sd
     from megalodon_lm import generate
 
-    monkeypatch.setattr(sd.torch, "compile", lambda fn, **kw: fn)
+    used = []
+    monkeypatch.setattr(sd, "_compiled_step", lambda: used.append(1) or sd._decode_step)
     model = _model(torch.float32)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 2, 3]]
     for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=3), dict(temperature=1.0, seed=4,
@@ -107,6 +108,7 @@ def test_generate_compile_path_equals_eager(monkeypatch):
         a, sa = generate(model, prompts, max_new_tokens=12, return_state=True, **kw)
         b, sb = generate(model, prompts, max_new_tokens=12, return_state=True, compile=True, **kw)
         assert torch.equal(a, b), kw
+        assert used, "generate(compile=True) did not use the static decoder"
         assert torch.equal(sa.positions, sb.positions)
         more_a = generate(model, a[:, -1:], state=sa, max_new_tokens=5, temperature=0.0)
         more_b = generate(model, b[:, -1:], state=sb, max_new_tokens=5, temperature=0.0)

@@ -45,13 +45,17 @@ def test_training_step_compiles_without_graph_breaks():
 
 
 @torch.no_grad()
-def test_static_decode_step_compiles():
+def test_static_decode_step_compiles(monkeypatch):
+    import megalodon_lm.generation.static_decode as sd
+
+    monkeypatch.setattr(sd, "_COMPILED", [])  # a fresh compile, whatever ran before
     torch.manual_seed(0)
     model = MegalodonLM(MegalodonConfig.from_preset("nano", **SMALL)).eval()
     ids = torch.randint(0, 256, (2, 14))
     state = model(ids[:, :5], return_state=True).state
     eager = StaticDecoder(model, state)
     compiled = StaticDecoder(model, state, compile=True)
+    assert compiled._step is not sd._decode_step
     for t in range(5, 14):  # crosses a chunk boundary: one graph serves every offset
         assert rel(compiled.step(ids[:, t]), eager.step(ids[:, t])) <= 1e-5
     assert rel(compiled.stream_state().layers[0].cema, eager.stream_state().layers[0].cema) <= 1e-5

@@ -61,7 +61,7 @@ class StaticDecoder:
         self._tensors = [*tensors, count.to(mean.dtype), mean, var]
         self._positions = state.positions.clone()
         self._cema_dtype = state.layers[0].cema.dtype if state.layers else None
-        self._step = torch.compile(self._step_impl, fullgraph=True, dynamic=False) if compile else self._step_impl
+        self._step = _compiled_step() if compile else _decode_step
 
     @property
     def positions(self) -> torch.Tensor:
@@ -76,7 +76,8 @@ class StaticDecoder:
             raise ValueError(f"tokens must have shape ({B},), got {tuple(tokens.shape)}")
         if valid is None:
             valid = torch.ones(B, dtype=torch.bool, device=tokens.device)
-        logits, self._tensors = self._step(tokens, valid, self._positions % self.chunk_size, self._tensors)
+        logits, self._tensors = self._step(self.model, self._coefs, tokens, valid, self._positions % self.chunk_size,
+                                           self._tensors)
         self._positions = self._positions + valid.long()
         return logits
 
@@ -95,60 +96,72 @@ class StaticDecoder:
         count, mean, var = self._tensors[-3:]
         return StreamState(layers, (count.round().long(), mean.clone(), var.clone()), self._positions.clone())
 
-    # ------------------------------------------------------------------ the step (pure tensor code)
-    def _step_impl(self, tokens: torch.Tensor, valid: torch.Tensor, offsets: torch.Tensor,
-                   tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model = self.model
-        x = model.embed(tokens)  # (B, D)
-        if model.emb_scale != 1.0:
-            x = x * model.emb_scale
-        new: list[torch.Tensor] = []
-        for i, block in enumerate(model.layers):
-            state = tensors[i * _PER_LAYER:(i + 1) * _PER_LAYER]
-            y, layer_state = self._mega(block.mega, i, x, valid, offsets, state)
-            x = block.nffn(y.unsqueeze(1), residual=x.unsqueeze(1)).squeeze(1)
-            new += layer_state
-        norm = model.output.final_norm
-        x, stats = _timestep_norm_step(x, norm.weight, norm.bias, norm.num_groups, norm.eps, valid, *tensors[-3:])
-        logits = F.linear(x, model.output_weight)
-        logits = logits.double() if logits.dtype == torch.float64 else logits.float()
-        return logits, [*new, *stats]
 
-    def _mega(self, mega, i: int, x: torch.Tensor, valid: torch.Tensor, offsets: torch.Tensor,
-              state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The MEGA sub-layer (modules/mega.py) for one token per row: x (B, D) -> (x + h, new state)."""
-        count, mean, var, h_re, h_im, kb, vb = state
-        B = x.shape[0]
-        H, dz, dv, C = mega.num_heads, mega.head_dim, mega.value_head_dim, self.chunk_size
-        tn = mega.timenorm
-        xn, (count, mean, var) = _timestep_norm_step(x, tn.weight, tn.bias, tn.num_groups, tn.eps, valid,
-                                                     count, mean, var)
-        mx, h_re, h_im = _cema_step(xn, self._coefs[i], h_re, h_im, valid)
-        mx = mega.rmsnorm(mx)
+_COMPILED: list = []
 
-        z = mega.wz(mx).view(B, 1, H, dz)
-        zf = z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
-        z = (zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + mega.eps)).to(z.dtype)
-        scale = ((mega.gamma + 1) / math.sqrt(dz)).view(2, 1, 1, H, dz)
-        offset = mega.beta.view(2, 1, 1, H, dz)
-        q, k = (z * scale[0] + offset[0]).to(z.dtype), (z * scale[1] + offset[1]).to(z.dtype)
-        v = F.silu(mega.wv(xn)).view(B, H, dv)
-        r = F.silu(mega.wr(mx))
 
-        qk = apply_rope(torch.cat([q, k], dim=2), offsets.view(B, 1), self.model.rope.freqs)  # (B, 1, 2H, dz)
-        q, k = qk[:, 0, :H], qk[:, 0, H:]
-        slots = torch.arange(C, device=x.device)
-        write = ((slots.unsqueeze(0) == offsets.unsqueeze(1)) & valid.unsqueeze(1)).view(B, C, 1, 1)
-        kb = torch.where(write, k.unsqueeze(1), kb)
-        vb = torch.where(write, v.unsqueeze(1), vb)
-        dt = compute_dtype(q)
-        scores = torch.einsum("bhd,bchd->bhc", q.to(dt), kb.to(dt))  # no 1/sqrt(d): folded into the q/k affine
-        visible = (slots.unsqueeze(0) <= offsets.unsqueeze(1)).unsqueeze(1)  # (B, 1, C)
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        out = torch.einsum("bhc,bchd->bhd", probs, vb.to(dt)).to(v.dtype)
+def _compiled_step():
+    """One `torch.compile` of the step per process: dynamo caches a graph per model and shapes, so a new
+    decoder for the same model and batch size reuses it instead of compiling again."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_decode_step, fullgraph=True, dynamic=False))
+    return _COMPILED[0]
 
-        h = mega.wh1(mx) + mega.wh2(out.reshape(B, H * dv) * r)
-        return x + h, [count, mean, var, h_re, h_im, kb, vb]
+
+def _decode_step(model: MegalodonLM, coefs: list, tokens: torch.Tensor, valid: torch.Tensor, offsets: torch.Tensor,
+                 tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The whole model for one token per row (pure tensor code): tokens (B,) -> (logits (B, V), new state)."""
+    x = model.embed(tokens)  # (B, D)
+    if model.emb_scale != 1.0:
+        x = x * model.emb_scale
+    new: list[torch.Tensor] = []
+    for i, block in enumerate(model.layers):
+        state = tensors[i * _PER_LAYER:(i + 1) * _PER_LAYER]
+        y, layer_state = _mega_step(block.mega, coefs[i], model.rope.freqs, x, valid, offsets, state)
+        x = block.nffn(y.unsqueeze(1), residual=x.unsqueeze(1)).squeeze(1)
+        new += layer_state
+    norm = model.output.final_norm
+    x, stats = _timestep_norm_step(x, norm.weight, norm.bias, norm.num_groups, norm.eps, valid, *tensors[-3:])
+    logits = F.linear(x, model.output_weight)
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+    return logits, [*new, *stats]
+
+
+def _mega_step(mega, coefs: tuple, freqs: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, offsets: torch.Tensor,
+               state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The MEGA sub-layer (modules/mega.py) for one token per row: x (B, D) -> (x + h, new state)."""
+    count, mean, var, h_re, h_im, kb, vb = state
+    B = x.shape[0]
+    H, dz, dv, C = mega.num_heads, mega.head_dim, mega.value_head_dim, mega.chunk_size
+    tn = mega.timenorm
+    xn, (count, mean, var) = _timestep_norm_step(x, tn.weight, tn.bias, tn.num_groups, tn.eps, valid,
+                                                 count, mean, var)
+    mx, h_re, h_im = _cema_step(xn, coefs, h_re, h_im, valid)
+    mx = mega.rmsnorm(mx)
+
+    z = mega.wz(mx).view(B, 1, H, dz)
+    zf = z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
+    z = (zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + mega.eps)).to(z.dtype)
+    scale = ((mega.gamma + 1) / math.sqrt(dz)).view(2, 1, 1, H, dz)
+    offset = mega.beta.view(2, 1, 1, H, dz)
+    q, k = (z * scale[0] + offset[0]).to(z.dtype), (z * scale[1] + offset[1]).to(z.dtype)
+    v = F.silu(mega.wv(xn)).view(B, H, dv)
+    r = F.silu(mega.wr(mx))
+
+    qk = apply_rope(torch.cat([q, k], dim=2), offsets.view(B, 1), freqs)  # (B, 1, 2H, dz)
+    q, k = qk[:, 0, :H], qk[:, 0, H:]
+    slots = torch.arange(C, device=x.device)
+    write = ((slots.unsqueeze(0) == offsets.unsqueeze(1)) & valid.unsqueeze(1)).view(B, C, 1, 1)
+    kb = torch.where(write, k.unsqueeze(1), kb)
+    vb = torch.where(write, v.unsqueeze(1), vb)
+    dt = compute_dtype(q)
+    scores = torch.einsum("bhd,bchd->bhc", q.to(dt), kb.to(dt))  # no 1/sqrt(d): folded into the q/k affine
+    visible = (slots.unsqueeze(0) <= offsets.unsqueeze(1)).unsqueeze(1)  # (B, 1, C)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    out = torch.einsum("bhc,bchd->bhd", probs, vb.to(dt)).to(v.dtype)
+
+    h = mega.wh1(mx) + mega.wh2(out.reshape(B, H * dv) * r)
+    return x + h, [count, mean, var, h_re, h_im, kb, vb]
 
 
 def _timestep_norm_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,

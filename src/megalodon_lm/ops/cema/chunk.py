@@ -79,8 +79,10 @@ def cema_chunked(
     idx = torch.arange(T + 1, device=x.device)
     qpow = coef.powers(idx)  # (D, N, T+1): q^0 .. q^T
     kvec = (coef.eta.unsqueeze(-1) * coef.p.unsqueeze(-1) * qpow[..., :T]).real.sum(1)  # (D, T): k_m
-    lag = idx[:T].view(1, T) - idx[:T].view(T, 1)  # [j, i] -> i - j
-    toeplitz_t = kvec[:, lag.clamp(min=0)] * (lag >= 0).to(dt)  # (D, T_j, T_i) = K^T
+    # K^T[j, i] = k_(i-j) (0 for j > i) = kpad[T-1 + i - j]: sliding windows of the zero-padded k, rows
+    # reversed. Its backward is a strided sum; a gather by a lag index would backprop through a serial
+    # index_put (measured 2x slower).
+    toeplitz_t = F.pad(kvec, (T - 1, 0)).unfold(-1, T, 1).flip(1)  # (D, T_j, T_i)
 
     # Block contributions U_b = sum_j p q^(T-1-j) x_j, interleaved re/im: (D, B*nb, 2N).
     v_blk = coef.p.unsqueeze(-1) * qpow[..., :T].flip(-1)  # (D, N, T)
