@@ -49,14 +49,19 @@ from _common import (
 )
 
 from megalodon_lm import MegalodonConfig, MegalodonLM
+from megalodon_lm.generation.static_decode import StaticDecoder
 from megalodon_lm.runtime import tune_cpu_allocator
 
-TRAIN_COST_LIMIT = 1.3  # acceptance: train cost per token at 16K / at 1K
+TRAIN_COST_LIMIT = 1.3  # acceptance: train cost per token at the longest length / at 1K
 DECODE_LAT_LIMIT = 1.15  # acceptance: decode latency at 64K / at 1K
+# Performance targets (issue 5), Megalodon / Llama at matched parameters: (what, length, op, limit).
+TARGETS = [("train tok/s ratio", 512, ">=", 0.8), ("train tok/s ratio", 2048, ">=", 1.3),
+           ("train tok/s ratio", 8192, ">=", 3.0), ("train peak memory ratio", 16384, "<=", 0.5),
+           ("prefill tok/s ratio", 16384, ">=", 2.0), ("decode latency ratio", 1024, "<=", 0.8)]
 QUICK = dict(train_lengths="256,512", decode_contexts="256,512", llama_decode_contexts="256,512",
-             repeats=2, warmup=1, decode_steps=8, decode_warmup=2)
-FULL = dict(train_lengths="1K,4K,16K", decode_contexts="1K,16K,64K", llama_decode_contexts="1K,16K",
-            repeats=5, warmup=1, decode_steps=64, decode_warmup=8)
+             repeats=2, warmup=1, decode_steps=8, decode_warmup=2, llama_max_train="512", ckpt_memory_lengths="512")
+FULL = dict(train_lengths="512,1K,2K,8K,16K,32K", decode_contexts="1K,16K,64K", llama_decode_contexts="1K,16K",
+            repeats=3, warmup=1, decode_steps=64, decode_warmup=8, llama_max_train="16K", ckpt_memory_lengths="16K")
 LLAMA_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "tie_word_embeddings", "max_position_embeddings")
 
@@ -163,8 +168,10 @@ def memory_probe(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     set_threads(args.threads)
     mcfg = MegalodonConfig.from_preset(args.preset)
-    if args._probe == "megalodon":
+    if args._probe in ("megalodon", "megalodon-ckpt"):
         model = build_megalodon(args.preset, device, args.seed)
+        # Activation checkpointing per block: only block inputs are kept, each block is recomputed in backward.
+        model.gradient_checkpointing = args._probe == "megalodon-ckpt"
     else:
         lcfg = llama_config(mcfg, mcfg.num_parameters(), max(8192, args._length + 1))
         model = build_llama(lcfg, device, args.seed)
@@ -172,9 +179,10 @@ def memory_probe(args: argparse.Namespace) -> None:
     L = args._length
     ids = random_ids(L, mcfg.vocab_size, args.seed + 1, device)
     targets = random_ids(L, mcfg.vocab_size, args.seed + 2, device)
-    step = train_step_fn(args._probe, model, ids, targets)
+    kind = "llama" if args._probe == "llama" else "megalodon"
+    step = train_step_fn(kind, model, ids, targets)
     # A 16-token step first absorbs one-time lazy initialisation (thread pools, kernels) outside the peak.
-    train_step_fn(args._probe, model, ids[:, :16], targets[:, :16])()
+    train_step_fn(kind, model, ids[:, :16], targets[:, :16])()
     model.zero_grad(set_to_none=True)
     gc.collect()
     reset = trim_and_reset_peak_rss()
@@ -189,21 +197,24 @@ def bench_train(models: dict[str, Any], vocab: int, lengths: list[int], args: ar
                 device: torch.device) -> list[dict[str, Any]]:
     """Interleaved Megalodon/Llama training steps per length; returns one record per (model, length)."""
     records = []
+    llama_max = parse_lengths(args.llama_max_train)[0]
     for L in lengths:
         ids = random_ids(L, vocab, args.seed + 1, device)
         targets = random_ids(L, vocab, args.seed + 2, device)
-        steps = {k: train_step_fn(k, m, ids, targets) for k, m in models.items()}
-        times: dict[str, list[float]] = {k: [] for k in models}
-        for k, m in models.items():
+        # Llama's attention is quadratic: beyond --llama-max-train its steps take minutes on a CPU.
+        steps = {k: train_step_fn(k, m, ids, targets) for k, m in models.items() if k != "llama" or L <= llama_max}
+        active = {k: models[k] for k in steps}
+        times: dict[str, list[float]] = {k: [] for k in active}
+        for k, m in active.items():
             m.train()
             for _ in range(args.warmup):
                 m.zero_grad(set_to_none=True)
                 steps[k]()
         for _ in range(args.repeats):
-            for k, m in models.items():
+            for k, m in active.items():
                 m.zero_grad(set_to_none=True)
                 times[k].append(time_call(steps[k], device))
-        for k, m in models.items():
+        for k, m in active.items():
             t = median(times[k])
             rec = {"model": k, "length": L, "times_s": times[k], "median_s": t, "tokens_per_s": L / t}
             if device.type == "cuda":
@@ -222,9 +233,11 @@ CPU_MEM_METHOD = ("CPU: peak RSS (VmHWM, reset before the step) minus RSS before
                   "fresh subprocess after a 16-token warm-up step; includes gradients and allocator slack")
 
 
-def add_cpu_memory(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """Fresh-subprocess RSS probes, run after all timings so they do not compete for the cores."""
-    for rec in records:
+def add_cpu_memory(records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Fresh-subprocess RSS probes, run after all timings so they do not compete for the cores. Also probes
+    Megalodon with activation checkpointing at --ckpt-memory-lengths (memory only); returns those records."""
+    ckpt = [{"model": "megalodon-ckpt", "length": L} for L in parse_lengths(args.ckpt_memory_lengths)]
+    for rec in records + ckpt:
         probe_args = ["--_probe", rec["model"], "--_length", str(rec["length"]), "--preset", args.preset,
                       "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
         probe_args += ["--no-allocator-tuning"] if args.no_allocator_tuning else []
@@ -237,6 +250,7 @@ def add_cpu_memory(records: list[dict[str, Any]], args: argparse.Namespace) -> N
         else:
             rec["peak_mem_error"] = (res or {}).get("error", "no result")
             print(f"  memory probe {rec['model']} L={rec['length']} failed: {rec['peak_mem_error']}")
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------------- decoding
@@ -246,7 +260,7 @@ def bench_decode(kind: str, model: Any, ctx: int, vocab: int, args: argparse.Nam
     """Prefill `ctx` random tokens in pieces, then time single-token greedy decode steps."""
     model.eval()
     ids = random_ids(ctx, vocab, args.seed + 3, device)
-    if kind == "megalodon":
+    if kind in ("megalodon", "megalodon-compiled"):
         holder: dict[str, Any] = {"state": None}
 
         def forward(tok: torch.Tensor) -> torch.Tensor:
@@ -278,7 +292,7 @@ def bench_decode(kind: str, model: Any, ctx: int, vocab: int, args: argparse.Nam
             return kv_cache_bytes(cache)
 
     # Untimed 16-token warm-up on a throw-away state/cache (first-call overheads in no_grad mode).
-    if kind == "megalodon":
+    if kind != "llama":
         model(ids[:, :16], return_state=True)
     else:
         model(input_ids=ids[:, :16], use_cache=False)
@@ -291,8 +305,21 @@ def bench_decode(kind: str, model: Any, ctx: int, vocab: int, args: argparse.Nam
         prefill_s += time_call(lambda piece=piece, box=box: box.__setitem__("y", forward(piece)), device)
         logits = box["y"]
     state_at_ctx = size()
+    if kind == "megalodon-compiled":
+        # gpt-fast style: a fixed-shape step compiled once; the first warm-up step pays the compile.
+        decoder = StaticDecoder(model, holder["state"], compile=True)
+
+        def forward(tok: torch.Tensor) -> torch.Tensor:  # noqa: F811 - decode steps go through the decoder
+            return decoder.step(tok.view(-1))
+
+        def size() -> int:  # noqa: F811
+            return decoder.stream_state().nbytes()
+
+        args_warmup = max(1, args.decode_warmup)
+    else:
+        args_warmup = args.decode_warmup
     tok = logits.argmax(-1).view(1, 1)
-    for _ in range(args.decode_warmup):
+    for _ in range(args_warmup):
         tok = forward(tok).argmax(-1).view(1, 1)
     lat = []
     for _ in range(args.decode_steps):
@@ -302,8 +329,8 @@ def bench_decode(kind: str, model: Any, ctx: int, vocab: int, args: argparse.Nam
     rec = {"model": kind, "context": ctx, "prefill_s": prefill_s, "prefill_tokens_per_s": ctx / prefill_s,
            "decode_latencies_s": lat, "decode_median_s": median(lat),
            "state_bytes_at_context": state_at_ctx, "state_bytes_after_decode": size(),
-           "final_position": ctx + args.decode_warmup + args.decode_steps}
-    if kind == "megalodon":
+           "final_position": ctx + args_warmup + args.decode_steps}
+    if kind != "llama":
         rec["state_bytes_max_in_chunk"] = size_max()
     print(f"  decode {kind:9s} ctx={fmt_len(ctx):>5s}: {rec['decode_median_s'] * 1e3:8.2f} ms/token  "
           f"state {fmt_bytes(rec['state_bytes_after_decode'])}  (prefill {ctx / prefill_s:.0f} tok/s)",
@@ -333,32 +360,69 @@ def report(res: dict[str, Any], has_llama: bool) -> None:
     rows = []
     for L in res["config"]["train_lengths"]:
         m, ll = _get(tr, "megalodon", "length", L), _get(tr, "llama", "length", L)
+        ck = _get(tr, "megalodon-ckpt", "length", L)
         rows.append([fmt_len(L), fmt(m and m["tokens_per_s"], ".1f"), fmt(ll and ll["tokens_per_s"], ".1f"),
                      fmt(ratio(m and m["tokens_per_s"], ll and ll["tokens_per_s"]), ".2f"),
-                     fmt(m and m["median_s"] * 1e3, ".1f"), fmt(ll and ll["median_s"] * 1e3, ".1f"),
-                     fmt_bytes(m and m.get("peak_mem_bytes")), fmt_bytes(ll and ll.get("peak_mem_bytes"))])
-    print_table(["L", "Mega tok/s", "Llama tok/s", "Mega/Llama", "Mega ms", "Llama ms", "Mega mem",
-                 "Llama mem"], rows,
+                     fmt_bytes(m and m.get("peak_mem_bytes")), fmt_bytes(ck and ck.get("peak_mem_bytes")),
+                     fmt_bytes(ll and ll.get("peak_mem_bytes")),
+                     fmt(ratio(m and m.get("peak_mem_bytes"), ll and ll.get("peak_mem_bytes")), ".2f")])
+    print_table(["L", "Mega tok/s", "Llama tok/s", "Mega/Llama", "Mega mem", "Mega ckpt mem", "Llama mem",
+                 "mem Mega/Llama"], rows,
                 f"(a) training step (fwd+bwd, batch 1, fp32), median of {res['config']['repeats']}; "
-                f"mem = {mem_note}")
+                f"mem = {mem_note}; ckpt = with activation checkpointing per block")
     rows = []
     for ctx in res["config"]["decode_contexts"]:
         m, ll = _get(dec, "megalodon", "context", ctx), _get(dec, "llama", "context", ctx)
+        mc = _get(dec, "megalodon-compiled", "context", ctx)
         lat_m, lat_l = m and m["decode_median_s"], ll and ll["decode_median_s"]
-        rows.append([fmt_len(ctx), fmt(lat_m and lat_m * 1e3, ".2f"),
+        lat_c = mc and mc["decode_median_s"]
+        rows.append([fmt_len(ctx), fmt(lat_m and lat_m * 1e3, ".2f"), fmt(lat_c and lat_c * 1e3, ".2f"),
                      fmt(lat_l and lat_l * 1e3, ".2f") if ll else ("skipped" if has_llama else "-"),
-                     fmt(ratio(lat_m, lat_l), ".2f"), fmt_bytes(m and m["state_bytes_after_decode"]),
+                     fmt(ratio(lat_c or lat_m, lat_l), ".2f"), fmt_bytes(m and m["state_bytes_after_decode"]),
                      fmt_bytes(m and m["state_bytes_max_in_chunk"]),
                      fmt_bytes(ll and ll["state_bytes_after_decode"]),
                      fmt(m and m["prefill_tokens_per_s"], ".0f"),
                      fmt(ll and ll["prefill_tokens_per_s"], ".0f")])
-    print_table(["context", "Mega ms/tok", "Llama ms/tok", "Mega/Llama", "Mega state", "Mega state max",
-                 "Llama KV", "Mega prefill tok/s", "Llama prefill tok/s"], rows,
+    print_table(["context", "Mega ms/tok", "Mega compiled", "Llama ms/tok", "best Mega/Llama", "Mega state",
+                 "Mega state max", "Llama KV", "Mega prefill tok/s", "Llama prefill tok/s"], rows,
                 f"(b) decode latency per token, median of {res['config']['decode_steps']} steps after "
-                f"{res['config']['decode_warmup']} warm-up steps; state/KV bytes after the timed steps "
-                f"(state max: with a full partial attention chunk cached)")
+                f"{res['config']['decode_warmup']} warm-up steps; compiled = StaticDecoder(compile=True); "
+                f"state/KV bytes after the timed steps (state max: with a full partial attention chunk cached)")
     for s in res["skipped"]:
         print(f"  note: {s}")
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue-5 targets that this run's lengths cover: value, limit, PASS/FAIL."""
+    tr, dec = res["train"], res["decode"]
+    out = []
+    for what, L, op, limit in TARGETS:
+        if what == "train tok/s ratio":
+            m, ll = _get(tr, "megalodon", "length", L), _get(tr, "llama", "length", L)
+            value = ratio(m and m["tokens_per_s"], ll and ll["tokens_per_s"])
+        elif what == "train peak memory ratio":
+            m, ll = _get(tr, "megalodon", "length", L), _get(tr, "llama", "length", L)
+            value = ratio(m and m.get("peak_mem_bytes"), ll and ll.get("peak_mem_bytes"))
+            ck = _get(tr, "megalodon-ckpt", "length", L)
+            ck_value = ratio(ck and ck.get("peak_mem_bytes"), ll and ll.get("peak_mem_bytes"))
+            if ck_value is not None:
+                out.append(_target(what + " (Megalodon with activation checkpointing)", L, op, limit, ck_value))
+        elif what == "prefill tok/s ratio":
+            m, ll = _get(dec, "megalodon", "context", L), _get(dec, "llama", "context", L)
+            value = ratio(m and m["prefill_tokens_per_s"], ll and ll["prefill_tokens_per_s"])
+        else:
+            m = _get(dec, "megalodon-compiled", "context", L) or _get(dec, "megalodon", "context", L)
+            ll = _get(dec, "llama", "context", L)
+            value = ratio(m and m["decode_median_s"], ll and ll["decode_median_s"])
+        out.append(_target(what, L, op, limit, value))
+    return out
+
+
+def _target(what: str, L: int, op: str, limit: float, value: float | None) -> dict[str, Any]:
+    ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
+    verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
+    print(f"  {what} at {fmt_len(L)}: {fmt(value, '.2f')} (target {op} {limit})  {verdict}")
+    return {"name": what, "length": L, "value": value, "op": op, "limit": limit, "verdict": verdict}
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -384,7 +448,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--out", default=str(RESULTS_DIR / "model_speed.json"))
-    p.add_argument("--_probe", default=None, choices=["megalodon", "llama"], help=argparse.SUPPRESS)
+    p.add_argument("--llama-max-train", default=None, help="longest Llama training length (default 16K)")
+    p.add_argument("--ckpt-memory-lengths", default=None,
+                   help="lengths at which Megalodon's memory is also probed with activation checkpointing (16K)")
+    p.add_argument("--no-compiled-decode", action="store_true",
+                   help="skip Megalodon's torch.compile'd static decode step (its first call compiles: ~1 min)")
+    p.add_argument("--_probe", default=None, choices=["megalodon", "megalodon-ckpt", "llama"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--_length", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
@@ -441,13 +511,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         mem_method = "CPU peak-RSS growth of one step in a fresh process (approx.)"
         print("  measuring CPU peak memory in fresh subprocesses ...", flush=True)
-        add_cpu_memory(train, args)
+        train += add_cpu_memory(train, args)
 
     print("\n(b) decode", flush=True)
     decode = []
     for ctx in sorted(set(contexts) | set(llama_contexts if has_llama else [])):
         if ctx in contexts:
             decode.append(bench_decode("megalodon", mega, ctx, mcfg.vocab_size, args, device))
+            if not args.no_compiled_decode:
+                decode.append(bench_decode("megalodon-compiled", mega, ctx, mcfg.vocab_size, args, device))
         if has_llama and ctx in llama_contexts:
             decode.append(bench_decode("llama", models["llama"], ctx, mcfg.vocab_size, args, device))
         elif has_llama:
@@ -468,20 +540,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "repeats": args.repeats, "warmup": args.warmup, "decode_steps": args.decode_steps,
                    "decode_warmup": args.decode_warmup, "prefill_piece": args.prefill_piece,
                    "quick": args.quick, "allocator_tuned": allocator_tuned,
+                   "llama_max_train": parse_lengths(args.llama_max_train)[0],
                    "dtype": "float32", "batch_size": 1},
         "memory_method": mem_method, "train": train, "decode": decode, "skipped": skipped,
     }
     report(res, has_llama)
+    print("\nPerformance targets (issue 5; Megalodon / Llama, matched parameters, same process)")
+    res["targets"] = targets(res)
 
     print("\nMegalodon scaling (project acceptance)")
     acc = []
     mt = sorted((r for r in train if r["model"] == "megalodon"), key=lambda r: r["length"])
     if len(mt) >= 2:
         lo, hi = mt[0], mt[-1]
+        lo = next((r for r in mt if r["length"] == 1024), lo)
         cost = ratio(hi["median_s"] / hi["length"], lo["median_s"] / lo["length"])
         acc.append(acceptance("train cost per token", lo["length"], hi["length"], cost, TRAIN_COST_LIMIT,
-                              (1024, 16384)))
-    md = sorted((r for r in decode if r["model"] == "megalodon"), key=lambda r: r["context"])
+                              (1024, 32768)))
+    md = sorted((r for r in decode if r["model"] == "megalodon-compiled"), key=lambda r: r["context"]) or sorted(
+        (r for r in decode if r["model"] == "megalodon"), key=lambda r: r["context"])
     if len(md) >= 2:
         lo, hi = md[0], md[-1]
         acc.append(acceptance("decode latency", lo["context"], hi["context"],
