@@ -13,7 +13,7 @@ from megalodon_lm.ops.attention import chunk_attention, chunk_attention_naive
 from megalodon_lm.ops.cema import cema, cema_coefficients, cema_naive, cema_varlen
 from megalodon_lm.ops.rope import rope_inverse_frequencies
 from megalodon_lm.ops.timestep_norm import timestep_norm, timestep_norm_naive, timestep_norm_prefix
-from megalodon_lm.ops.varlen import check_cu_seqlens, padded_layout, rope_positions
+from megalodon_lm.ops.varlen import check_cu_seqlens, chunk_buckets, padded_layout, rope_positions
 
 F64 = torch.float64
 TOL = 1e-12  # float64: only rounding differs between the paths
@@ -82,8 +82,20 @@ def test_padded_layout_and_rope_positions():
     assert lay.padded_len == 24 and lay.last_slot == 20
     assert lay.slot.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12, 13, 14, 15, 16, 17, 18, 19, 20]
     assert lay.block_start.tolist() == [True, True, True, True, False, False]
+    assert lay.rows == 1 and padded_layout(cu_of(lengths), 17, 4, rows=17).rows == 1  # documents cross rows
     pos = rope_positions(cu_of(lengths), 17, 4)
     assert pos.tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 0, 1, 2, 3, 0, 1, 2, 3, 0]
+
+
+def test_padded_layout_keeps_rows_that_start_documents():
+    # Rows of 10 tokens: [3, 7 | 1, 9 | 10]; blocks of 4 -> rows need 3, 4 and 3 blocks, all padded to 4.
+    lay = padded_layout(cu_of([3, 7, 1, 9, 10]), 30, 4, rows=3)
+    assert lay.rows == 3 and lay.padded_len == 48
+    assert lay.slot[:10].tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
+    assert lay.slot[10:20].tolist() == [16, 20, 21, 22, 23, 24, 25, 26, 27, 28]
+    assert lay.slot[20:].tolist() == list(range(32, 42)) and lay.last_slot == 41
+    assert lay.block_start.view(3, 4).tolist() == [[True, True, False, False], [True, True, False, False],
+                                                   [True, False, False, False]]
 
 
 # ------------------------------------------------------------------------------------------------ CEMA
@@ -102,12 +114,14 @@ CEMA_CASES = [
     (1, [1] * 5 + [30] + [1] * 5),  # many 1-token documents around a long one
     (3, [17, 1, 6]),
     (1, [24]),  # one document = the plain path
-    (1, [31, 32, 33, 1, 3]),  # around the default block (T = 32 for 100 tokens)
+    (1, [31, 32, 33, 1, 3]),  # around a 32-token block
+    (3, [7, 13, 1, 19, 20]),  # every 20-token row starts a document: the layout keeps the rows
+    (2, [20, 5, 1, 14]),
 ]
 
 
 @pytest.mark.parametrize("B, lengths", CEMA_CASES)
-@pytest.mark.parametrize("block", [8, None])
+@pytest.mark.parametrize("block", [8, 32, None])
 def test_cema_packed_equals_documents_alone(B, lengths, block):
     total = sum(lengths)
     params = cema_params()
@@ -217,17 +231,32 @@ H, DZ, DV = 2, 8, 6
 
 
 # Documents of C-1, C, C+1, 1 and 2C+3 tokens; rows of 25 or 50 tokens put the row's own chunk grid
-# (multiples of 8 from each row start) across the documents' grids.
+# (multiples of 8 from each row start) across the documents' grids. With C = 64 the short last pieces
+# go to 16- and 32-slot chunks (pieces of 1, 15, 16, 17, 33, 63 tokens; 65 = a full chunk + 1).
 ATTN_CASES = [
-    (2, [7, 8, 9, 1, 19, 6]),
-    (1, [1, 1, 3, 2, 1, 1, 1]),  # all documents shorter than C: the chunk shrinks to the longest
-    (5, [13, 3, 26, 8]),
-    (1, [17]),
+    (2, [7, 8, 9, 1, 19, 6], 8),
+    (1, [1, 1, 3, 2, 1, 1, 1], 8),
+    (5, [13, 3, 26, 8], 8),
+    (1, [17], 8),
+    (3, [1, 15, 16, 17, 33, 63, 64, 65, 149], 64),
 ]
 
 
-@pytest.mark.parametrize("B, lengths", ATTN_CASES)
-def test_attention_packed_equals_documents_alone(B, lengths):
+def test_chunk_buckets():
+    # Pieces with min_size 2: 1 and 1 -> 2 slots; 15 -> 16; 17 -> 32; 33, 64, 64 -> 64 (65 tokens = 64 + 1).
+    layout = chunk_buckets(cu_of([1, 15, 17, 33, 64, 65]), 195, 64, min_size=2)
+    assert [(b.size, b.src.numel()) for b in layout.buckets] == [(2, 4), (16, 16), (32, 32), (64, 192)]
+    assert layout.slot[:3].tolist() == [0, 4, 5]  # the 1-token document, then the 15-token one
+    assert layout.slot[-2:].tolist() == [4 + 16 + 32 + 2 * 64 + 63, 2]  # the 65-token document's last two
+    src = torch.cat([b.src for b in layout.buckets])
+    assert torch.equal(src[layout.slot], torch.arange(195))
+    assert sorted(layout.slot.tolist()) == sorted(set(layout.slot.tolist()))
+    default = chunk_buckets(cu_of([1, 15, 17, 33, 64, 65]), 195, 64)
+    assert [(b.size, b.src.numel()) for b in default.buckets] == [(16, 48), (32, 32), (64, 192)]
+
+
+@pytest.mark.parametrize("B, lengths, C", ATTN_CASES)
+def test_attention_packed_equals_documents_alone(B, lengths, C):
     total = sum(lengths)
     g = torch.Generator().manual_seed(4)
     q = torch.randn(B, total // B, H, DZ, dtype=F64, generator=g).requires_grad_()

@@ -5,9 +5,14 @@ holds the cumulative document lengths over that stream: document i is tokens [cu
 may continue from the end of one row into the next (rows are just a reshape of the stream); callers that want
 documents inside rows put every row start b*L in `cu_seqlens`. Every document is processed as if alone.
 
-The ops that need a per-document grid (CEMA blocks, attention chunks) scatter the stream into a padded
-layout where each document starts at a multiple of `block` and occupies ceil(len/block) whole blocks; the
-padding (< block per document) sits after the document's last token, so causal operators never see it.
+The ops that need a per-document grid scatter the stream into padded layouts whose padding always sits
+after the real tokens it pads, so causal operators never see it:
+- `padded_layout` (CEMA blocks): each document starts at a multiple of `block` and occupies ceil(len/block)
+  whole blocks (padding < block per document).
+- `chunk_buckets` (attention chunks): each document is cut into its chunks (pieces of C tokens from its
+  start, the last one shorter); full pieces are laid out as C-slot chunks, a short piece of l tokens in a
+  slot of the next power of two >= l (at least `min_size`), grouped by slot size. Padding is < l per short
+  piece, so many short documents cost about their own length, not C each.
 """
 
 from __future__ import annotations
@@ -51,30 +56,45 @@ def doc_index(cu_seqlens: torch.Tensor, total: int) -> DocIndex:
 
 
 class PaddedLayout(NamedTuple):
-    """Where each stream token lives in the block-aligned padded layout of `padded_len` slots."""
+    """Where each stream token lives in the block-aligned padded layout: `rows` rows of padded_len/rows slots."""
 
-    slot: torch.Tensor  # (total,) long: padded index of each token
-    padded_len: int  # P = sum over documents of ceil(len / block) * block
+    slot: torch.Tensor  # (total,) long: padded index of each token (row-major over the rows)
+    padded_len: int  # all slots: rows * blocks per row * block
     block: int
-    block_start: torch.Tensor  # (P / block,) bool: the block is a document's first block
+    block_start: torch.Tensor  # (padded_len / block,) bool: the block is a document's first block
     last_slot: int  # padded index of the stream's last token (the end of the last document)
+    rows: int  # 1, or the input's rows when every row starts a document (see `padded_layout`)
 
 
-def padded_layout(cu_seqlens: torch.Tensor, total: int, block: int) -> PaddedLayout:
-    """Each document padded at its end to whole blocks of `block` tokens; one host sync (for P)."""
+def padded_layout(cu_seqlens: torch.Tensor, total: int, block: int, rows: int = 1) -> PaddedLayout:
+    """Each document padded at its end to whole blocks of `block` tokens.
+
+    The stream is `rows` rows of total/rows tokens. If every row starts a document, each row keeps its own
+    padded row (all padded to the longest), so a scan over blocks runs per row as in the unpacked input;
+    otherwise (a document crosses a row boundary) the layout is one row. Two host syncs.
+    """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     idx = doc_index(cu_seqlens, total)
     cu = cu_seqlens.long()
     lens = cu[1:] - cu[:-1]
     nblk = (lens + block - 1) // block  # blocks per document
-    blk_end = torch.cumsum(nblk, 0)
-    n_blocks = int(blk_end[-1])
-    pad_start = (blk_end - nblk) * block  # padded index of each document's first token
-    slot = pad_start[idx.doc] + idx.pos
+    first_blk = torch.cumsum(nblk, 0) - nblk  # first block of each document in a single-row layout
+    row_len = total // rows if rows > 1 and total % rows == 0 else 0
+    at_row_start = (cu[:-1] % row_len == 0) if row_len else None
+    if at_row_start is not None and int(at_row_start.sum()) == rows:  # every row start begins a document
+        row = cu[:-1] // row_len
+        first_blk = first_blk - first_blk[at_row_start][row]  # block index inside the document's row
+        per_row = torch.zeros(rows, dtype=torch.long, device=cu.device).index_add_(0, row, nblk)
+        n_row = int(per_row.max())
+        first_blk = first_blk + row * n_row
+        n_blocks = rows * n_row
+    else:
+        rows, n_blocks = 1, int(nblk.sum())
+    slot = first_blk[idx.doc] * block + idx.pos
     block_start = torch.zeros(n_blocks, dtype=torch.bool, device=cu.device)
-    block_start[blk_end - nblk] = True
-    return PaddedLayout(slot, n_blocks * block, block, block_start, int(slot[-1]))
+    block_start[first_blk] = True
+    return PaddedLayout(slot, n_blocks * block, block, block_start, int(slot[-1]), rows)
 
 
 def to_padded(x: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
@@ -91,3 +111,56 @@ def from_padded(y: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
 def rope_positions(cu_seqlens: torch.Tensor, total: int, chunk_size: int) -> torch.Tensor:
     """(total,) long chunk-local RoPE positions: restart at 0 at every document start and every C tokens after."""
     return doc_index(cu_seqlens, total).pos % chunk_size
+
+
+class PieceBucket(NamedTuple):
+    """The attention pieces padded to `size` slots each, laid out one after another."""
+
+    size: int  # S: slots per piece (C for full pieces; a power of two < C for short ones)
+    src: torch.Tensor  # (n_pieces * S,) long: the stream token in each slot (padding slots hold token 0)
+
+
+class ChunkLayout(NamedTuple):
+    """All buckets, and where each stream token lands in the concatenation of their layouts."""
+
+    buckets: list[PieceBucket]
+    slot: torch.Tensor  # (total,) long; slot - bucket offset = chunk-local position mod S
+
+
+def chunk_buckets(cu_seqlens: torch.Tensor, total: int, chunk_size: int, min_size: int = 16) -> ChunkLayout:
+    """Every document's attention chunks, grouped by padded size (see the module docstring); 3 host syncs.
+
+    Padding slots repeat token 0 instead of holding zeros: they are keys after every real query of their
+    chunk (hidden by causality) and queries whose outputs are dropped, so their content never matters,
+    and one gather builds each layout.
+    """
+    C = chunk_size
+    idx = doc_index(cu_seqlens, total)
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    n_per_doc = (lens + C - 1) // C
+    first = torch.cumsum(n_per_doc, 0) - n_per_doc  # first piece of each document
+    piece = first[idx.doc] + idx.pos // C  # (total,) piece of each token
+    n_pieces = int(n_per_doc.sum())
+    piece_doc = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), n_per_doc,
+                                        output_size=n_pieces)
+    piece_len = (lens[piece_doc] - (torch.arange(n_pieces, device=cu.device) - first[piece_doc]) * C).clamp(max=C)
+    pow2 = torch.exp2(torch.log2(piece_len.double()).ceil()).long()  # exact for these small integers
+    size = torch.where(piece_len == C, C, pow2.clamp(min=min_size).clamp(max=C))
+    counts = torch.bincount(size, minlength=C + 1).tolist()
+    piece_base = torch.zeros(n_pieces, dtype=torch.long, device=cu.device)  # first slot of each piece
+    buckets, offset = [], 0
+    for S in (s for s in range(C + 1) if counts[s]):
+        in_bucket = size == S
+        rank = torch.cumsum(in_bucket, 0) - 1  # index of each piece among this bucket's pieces
+        piece_base = torch.where(in_bucket, offset + rank * S, piece_base)
+        buckets.append(PieceBucket(S, torch.zeros(counts[S] * S, dtype=torch.long, device=cu.device)))
+        offset += counts[S] * S
+    slot = piece_base[piece] + idx.pos % C
+    all_src = torch.zeros(offset, dtype=torch.long, device=cu.device).index_copy_(
+        0, slot, torch.arange(total, device=cu.device))
+    start = 0
+    for b in buckets:
+        b.src.copy_(all_src[start : start + b.src.numel()])
+        start += b.src.numel()
+    return ChunkLayout(buckets, slot)
