@@ -28,6 +28,9 @@ TRAIN_HELP = {
     "seq_len": "tokens per training sequence",
     "batch_size": "sequences per step per process (global batch = batch x ranks x grad-accum)",
     "grad_accum": "micro-batches accumulated per optimizer step",
+    "document_masking": "split each training window at EOS into documents that do not see each other (fresh "
+                        "CEMA/norm state, own attention chunks); the target after an EOS stays scored; "
+                        "evaluation is unchanged",
     "lr": "peak learning rate (AdamW)",
     "min_lr_ratio": "the cosine schedule decays to lr x this",
     "warmup_steps": "linear warm-up steps",

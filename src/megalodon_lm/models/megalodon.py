@@ -21,7 +21,7 @@ from ..modules.rotary import RotaryEmbedding
 from ..modules.timestep_norm import TimestepNorm
 from .config import MegalodonConfig
 from .state import StreamState
-from .validation import check_inputs, check_state
+from .validation import check_inputs, check_packed_call, check_state
 
 
 @dataclass
@@ -62,6 +62,12 @@ class MegalodonLM(nn.Module):
     input_ids (B, L) integer; targets (B, L) aligned with the logits (no shift), -100 = ignored;
     attention_mask (B, L), 1 = real token, 0 = right padding of this segment. Returns a
     `MegalodonOutput`. Pass `out.state` back in to continue each row's stream exactly.
+
+    Packed documents: `model(input_ids, targets, cu_seqlens=cu)` with cu (n_docs + 1,) int32/int64 the
+    cumulative document lengths over the B*L tokens read row-major (FlashAttention's varlen convention;
+    see docs/varlen.md). Each document is computed exactly as if it were alone: fresh CEMA state and
+    TimestepNorm statistics, its own attention chunk grid and RoPE origin. No streaming state, padding
+    mask or last_logits_only with it.
     """
 
     def __init__(self, config: MegalodonConfig) -> None:
@@ -135,6 +141,7 @@ class MegalodonLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         last_logits_only: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> MegalodonOutput:
         """See the class docstring. `last_logits_only=True` projects only each row's last real position:
         logits (B, 1, V), for prefilling long prompts without materialising (B, L, V) logits."""
@@ -142,6 +149,9 @@ class MegalodonLM(nn.Module):
             raise ValueError("last_logits_only=True computes no loss: pass targets=None")
         valid = check_inputs(input_ids, targets, attention_mask, self.config.vocab_size)
         B, L = input_ids.shape
+        if cu_seqlens is not None:
+            cu_seqlens = check_packed_call(cu_seqlens, B * L, input_ids.device, state is not None, return_state,
+                                           attention_mask is not None, last_logits_only)
         if state is not None:
             check_state(state, self.config, B, input_ids.device)
         need_state = return_state or state is not None
@@ -149,7 +159,7 @@ class MegalodonLM(nn.Module):
         positions = state.positions if state is not None else torch.zeros_like(lengths)
         # No state: every row starts a chunk; offsets=None lets attention skip a host-synchronising grouping.
         offsets = None if state is None else positions % self.config.chunk_size
-        info = StreamInfo(valid, lengths, offsets, need_state)
+        info = StreamInfo(valid, lengths, offsets, need_state, cu_seqlens)
 
         x = self.embed(input_ids)
         if self.emb_scale != 1.0:
@@ -164,7 +174,7 @@ class MegalodonLM(nn.Module):
             else:
                 x, new_ls = block(x, ls, info, freqs)
             new_layers.append(new_ls)
-        x, final_stats = self.output.final_norm(x, None if state is None else state.final_norm, valid)
+        x, final_stats = self.output.final_norm(x, None if state is None else state.final_norm, valid, cu_seqlens)
         if last_logits_only:
             last = (lengths - 1).clamp(min=0)
             x = x[torch.arange(B, device=x.device), last].unsqueeze(1)

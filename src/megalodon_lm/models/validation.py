@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.varlen import check_cu_seqlens
 from .config import MegalodonConfig
 from .state import StreamState
 
@@ -55,6 +56,22 @@ def check_inputs(
     if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         raise ValueError("attention_mask must be right padding: no real token (1) may follow a pad (0) in a row")
     return None if bool(valid.all()) else valid
+
+
+def check_packed_call(
+    cu_seqlens: torch.Tensor, n_tokens: int, device: torch.device, has_state: bool, return_state: bool,
+    has_mask: bool, last_logits_only: bool,
+) -> torch.Tensor:
+    """cu_seqlens is for whole-sequence training/prefill of packed documents; returns it on `device`."""
+    if has_state or return_state:
+        raise ValueError("cu_seqlens (packed documents) does not support streaming: pass neither state nor "
+                         "return_state=True")
+    if has_mask:
+        raise ValueError("cu_seqlens and attention_mask cannot be combined: make padding its own document")
+    if last_logits_only:
+        raise ValueError("cu_seqlens and last_logits_only cannot be combined")
+    check_cu_seqlens(cu_seqlens, n_tokens)
+    return cu_seqlens.to(device)
 
 
 def check_state(state: StreamState, cfg: MegalodonConfig, batch_size: int, device: torch.device) -> None:

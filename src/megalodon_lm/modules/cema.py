@@ -60,6 +60,9 @@ class ComplexEMA(nn.Module):
         h0: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
         need_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, L, D) -> (y (B, L, D), final complex state (B, D, N) if need_state)."""
-        return cema(x, self.coefficients(), h0, lengths, need_state)
+        """x: (B, L, D) -> (y (B, L, D), final complex state (B, D, N) if need_state).
+
+        cu_seqlens: packed documents over the B*L tokens, each from a zero state (ops/varlen.py)."""
+        return cema(x, self.coefficients(), h0, lengths, need_state, cu_seqlens=cu_seqlens)

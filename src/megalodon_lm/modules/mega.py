@@ -33,6 +33,7 @@ class StreamInfo(NamedTuple):
     lengths: torch.Tensor  # (B,) real tokens per row in this call
     offsets: torch.Tensor | None  # (B,) position of each row inside its current chunk; None = all 0
     need_state: bool
+    cu_seqlens: torch.Tensor | None = None  # (n_docs + 1,) packed documents over the B*L tokens (ops/varlen.py)
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -69,8 +70,12 @@ class MovingAverageGatedAttention(nn.Module):
         B, L, _ = x.shape
         H, dz, dv = self.num_heads, self.head_dim, self.value_head_dim
         drop = self.training
-        xn, norm_stats = self.timenorm(x, None if state is None else state.norm, info.valid)
-        mx, cema_h = self.cema(xn, None if state is None else state.cema, info.lengths, info.need_state)
+        cu = info.cu_seqlens
+        xn, norm_stats = self.timenorm(x, None if state is None else state.norm, info.valid, cu)
+        if cu is None:
+            mx, cema_h = self.cema(xn, None if state is None else state.cema, info.lengths, info.need_state)
+        else:
+            mx, cema_h = self.cema(xn, need_state=info.need_state, cu_seqlens=cu)
         mx = F.dropout(self.rmsnorm(mx), self.hidden_dropout, drop)
 
         z = self.wz(mx).view(B, L, H, dz)
@@ -86,6 +91,7 @@ class MovingAverageGatedAttention(nn.Module):
             q, k, v, freqs, self.chunk_size, info.offsets,
             None if state is None else state.attn_k, None if state is None else state.attn_v,
             None if info.valid is None else info.lengths, self.attention_dropout if drop else 0.0, info.need_state,
+            cu_seqlens=info.cu_seqlens,
         )
         h = self.wh1(mx) + self.wh2(F.dropout(out.reshape(B, L, H * dv) * r, self.hidden_dropout, drop))
         y = x + F.dropout(h, self.dropout, drop)

@@ -42,11 +42,17 @@ class TimestepNorm(nn.Module):
         return count, mean, var
 
     def forward(
-        self, x: torch.Tensor, stats: NormStats | None = None, valid: torch.Tensor | None = None
+        self, x: torch.Tensor, stats: NormStats | None = None, valid: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, NormStats]:
-        """x: (B, L, D); stats from the previous segment or None; valid (B, L) bool -> (y, new stats)."""
-        count, mean, var = self.initial_stats(x.shape[0]) if stats is None else stats
+        """x: (B, L, D); stats from the previous segment or None; valid (B, L) bool -> (y, new stats).
+
+        cu_seqlens: packed documents over the B*L tokens (ops/varlen.py), each starting from the prior;
+        stats must then be None and the returned statistics are the last document's (batch dim 1)."""
+        if cu_seqlens is not None and stats is not None:
+            raise ValueError("TimestepNorm with cu_seqlens starts every document from the prior: pass stats=None")
+        count, mean, var = self.initial_stats(1 if cu_seqlens is not None else x.shape[0]) if stats is None else stats
         y, count, mean, var = timestep_norm(
-            x, self.weight, self.bias, self.num_groups, self.eps, count, mean, var, valid
+            x, self.weight, self.bias, self.num_groups, self.eps, count, mean, var, valid, cu_seqlens
         )
         return y, (count, mean, var)

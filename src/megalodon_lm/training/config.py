@@ -33,6 +33,7 @@ class TrainConfig:
     seq_len: int = 512
     batch_size: int = 8
     grad_accum: int = 1
+    document_masking: bool = False  # EOS-separated documents in a window do not see each other (data/packing.py)
     # optimisation (AdamW on all parameters, as the reference; betas of the paper's 7B run)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.dataset import build_corpora, bytes_per_target, eval_windows, sample_batch
+from ..data.packing import DocumentMaskedForward
 from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..generation.decoding import generate
@@ -196,6 +197,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     else:
         metrics.truncate_after(-1)  # a fresh run in a reused directory starts a fresh metrics file
     step_fn = torch.compile(model) if cfg.compile else model
+    if cfg.document_masking:
+        step_fn = DocumentMaskedForward(step_fn, tokenizer.eos_id)  # training only; evaluation stays unmasked
     use_bf16 = cfg.dtype == "bf16"
 
     def autocast():

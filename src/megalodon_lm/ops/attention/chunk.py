@@ -149,6 +149,7 @@ def chunk_attention(
     lengths: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     need_cache: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Block-diagonal causal attention with chunk-local RoPE and an optional streaming cache.
 
@@ -157,10 +158,19 @@ def chunk_attention(
     cache_k/cache_v: (B, n, H, dz|dv) rotated keys/values of each row's current chunk; row b uses the
     first offsets[b] of them. lengths: (B,) real tokens per row in this piece (right padding; None =
     no padding).
+    cu_seqlens: packed documents over the B*L tokens (ops/varlen.py), each with its own chunk grid and
+    RoPE origin; training/prefill only (no offsets, cache, lengths or need_cache).
     Returns out (B, L, H, dv) and, if need_cache, the new cache (B, r, H, .) for the next piece.
     """
     B, L = q.shape[:2]
     C = chunk_size
+    if cu_seqlens is not None:
+        streaming = cache_k is not None or cache_v is not None or lengths is not None or need_cache
+        if streaming or (offsets is not None and bool((offsets != 0).any())):
+            raise ValueError("chunk_attention with cu_seqlens takes no offsets, cache, lengths or need_cache")
+        from .varlen import chunk_attention_varlen  # varlen imports this module
+
+        return chunk_attention_varlen(q, k, v, freqs, C, cu_seqlens, dropout_p), None, None
     if L == 0:
         return v.new_zeros(B, 0, *v.shape[2:]), cache_k, cache_v
     if offsets is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._dtypes import compute_dtype
+from ..varlen import check_cu_seqlens
 
 
 def _rope_naive(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -21,10 +22,21 @@ def _rope_naive(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -
 
 
 def chunk_attention_naive(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, chunk_size: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, chunk_size: int,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q, k: (B, L, H, dz); v: (B, L, H, dv) -> (B, L, H, dv). Whole sequence from position 0."""
+    """q, k: (B, L, H, dz); v: (B, L, H, dv) -> (B, L, H, dv). Whole sequence from position 0.
+
+    cu_seqlens: packed documents over the B*L tokens (ops/varlen.py): each document attends alone.
+    """
     B, L, H, _ = q.shape
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B * L)
+        bounds = cu_seqlens.tolist()
+        q, k, v = (t.reshape(1, B * L, H, t.shape[-1]) for t in (q, k, v))
+        parts = [chunk_attention_naive(q[:, a:b], k[:, a:b], v[:, a:b], freqs, chunk_size)
+                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return torch.cat(parts, dim=1).view(B, L, H, v.shape[-1])
     dt = compute_dtype(q)
     out = []
     for start in range(0, L, chunk_size):

@@ -10,8 +10,9 @@ from .chunk import cema_chunked
 from .coefficients import CemaCoefficients, cema_coefficients
 from .fft import cema_fft
 from .naive import cema_naive
+from .varlen import cema_varlen
 
-__all__ = ["CemaCoefficients", "cema", "cema_chunked", "cema_coefficients", "cema_fft", "cema_naive"]
+__all__ = ["CemaCoefficients", "cema", "cema_chunked", "cema_coefficients", "cema_fft", "cema_naive", "cema_varlen"]
 
 # Inputs this short run the exact step-by-step recurrence: cheaper than building block operators.
 RECURRENT_MAX_LEN = 2
@@ -23,15 +24,32 @@ def cema(
     h0: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     need_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatching CEMA. x: (B, L, D) -> (y (B, L, D), final state (B, D, N) complex or None).
 
     MEGALODON_CEMA_IMPL=naive|chunk forces a path (default: recurrent for L <= 2, chunked scan else).
+    cu_seqlens: packed documents over the B*L tokens (ops/varlen.py), each from a zero state; always the
+    PyTorch paths (naive when forced, else `cema_varlen`); the state is then the last document's (1, D, N).
     """
     impl = os.environ.get("MEGALODON_CEMA_IMPL", "auto")
     # Under bf16 autocast the block matmuls would run in bf16; CEMA stays in fp32 (reference §2.9).
     with torch.autocast(x.device.type, enabled=False):
+        if cu_seqlens is not None:
+            return _dispatch_varlen(impl, x, coef, h0, lengths, need_state, cu_seqlens)
         return _dispatch(impl, x, coef, h0, lengths, need_state)
+
+
+def _dispatch_varlen(
+    impl: str, x: torch.Tensor, coef: CemaCoefficients, h0: torch.Tensor | None, lengths: torch.Tensor | None,
+    need_state: bool, cu_seqlens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if h0 is not None or lengths is not None:
+        raise ValueError("cema with cu_seqlens starts every document from zero: pass neither h0 nor lengths")
+    if impl == "naive":
+        y, h = cema_naive(x, coef, cu_seqlens=cu_seqlens)
+        return y, (h if need_state else None)
+    return cema_varlen(x, coef, cu_seqlens, need_state)
 
 
 def _dispatch(

@@ -34,17 +34,24 @@ def _interleave(z: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(z).flatten(-2)
 
 
-def _scan_blocks(u: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+def _scan_blocks(u: torch.Tensor, log_decay: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
     """Inclusive scan S_b = sum_{b' <= b} a^(b-b') U_b' along axis 2 (Hillis-Steele).
 
     u: (D, B, nb, N) complex; log_decay: (D, N) complex, log a. log2(nb) elementwise steps.
+    reset: (B, nb) bool, True where a new segment starts: the sum then runs only over b' >= that block.
     """
-    nb = u.shape[2]
+    D, B, nb, N = u.shape
     s = u
+    # cut[b]: a segment starts inside the window (b - step, b] that s[b] already covers, so s[b - step]
+    # belongs to an earlier segment and must not be added.
+    cut = reset
     step = 1
     while step < nb:
         a_step = torch.exp(log_decay * step).unsqueeze(1).unsqueeze(1)  # (D, 1, 1, N)
         shifted = a_step * s[:, :, : nb - step]
+        if cut is not None:
+            shifted = shifted * (~cut[:, step:]).to(u.real.dtype).view(1, B, nb - step, 1)
+            cut = torch.cat([cut[:, :step], cut[:, step:] | cut[:, : nb - step]], dim=1)
         s = torch.cat([s[:, :, :step], s[:, :, step:] + shifted], dim=2)
         step *= 2
     return s
@@ -57,6 +64,7 @@ def cema_chunked(
     lengths: torch.Tensor | None = None,
     need_state: bool = False,
     block_size: int | None = None,
+    block_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: (B, L, D) -> (y (B, L, D) in x's dtype, final state (B, D, N) complex or None).
 
@@ -65,12 +73,16 @@ def cema_chunked(
     each row's last real token. Outputs at padded positions are meaningless. None = all L.
     need_state: compute and return the final state (skipped otherwise: it is only for streaming).
     block_size: tokens per block T (default `default_block_size(L)`).
+    block_start: (B, ceil(L/T)) bool, True where a block starts a fresh segment (zero entering state; used
+    by the packed variable-length path, see `cema/varlen.py`). Not combinable with h0.
     """
     B, L, D = x.shape
     dt = coef.p.dtype
     N = coef.p.shape[1]
     T = max(1, min(block_size or default_block_size(L), L))
     nb = -(-L // T)
+    if block_start is not None and (h0 is not None or tuple(block_start.shape) != (B, nb)):
+        raise ValueError(f"block_start must be (B, n_blocks) = {(B, nb)} and comes without h0")
     pad = nb * T - L
     xf = x.to(dt)
     # Channels lead so that they are the batch of every matmul: (D, B*nb, T).
@@ -90,8 +102,11 @@ def cema_chunked(
     u = torch.view_as_complex(u.view(D, B, nb, N, 2))
     log_decay = coef.log_q * T
     if nb > 1:
-        s = _scan_blocks(u[:, :, :-1], log_decay)
+        reset = None if block_start is None else block_start[:, :-1]
+        s = _scan_blocks(u[:, :, :-1], log_decay, reset)
         h_in = torch.cat([torch.zeros_like(u[:, :, :1]), s], dim=2)  # state entering each block
+        if block_start is not None:
+            h_in = h_in * (~block_start).to(dt).view(1, B, nb, 1)
     else:
         h_in = torch.zeros_like(u)
     if h0 is not None:

@@ -22,13 +22,18 @@ def timestep_norm(
     mean: torch.Tensor,
     var: torch.Tensor,
     valid: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatching TimestepNorm (see `timestep_norm_naive` for the contract).
 
     MEGALODON_NORM_IMPL=naive|prefix forces a path (default: the Welford step for a single token, where it
-    is the cheapest exact path, prefix sums otherwise).
+    is the cheapest exact path, prefix sums otherwise). With cu_seqlens (packed documents, each from the
+    given start state) the naive per-document loop when forced, else the segmented prefix sums.
     """
     impl = os.environ.get("MEGALODON_NORM_IMPL", "auto")
+    if cu_seqlens is not None:
+        path = timestep_norm_naive if impl == "naive" else timestep_norm_prefix
+        return path(x, weight, bias, num_groups, eps, count, mean, var, valid, cu_seqlens)
     if impl == "naive" or (impl == "auto" and x.shape[1] == 1):
         return timestep_norm_naive(x, weight, bias, num_groups, eps, count, mean, var, valid)
     if impl not in ("auto", "prefix"):

@@ -13,6 +13,17 @@ from __future__ import annotations
 import torch
 
 from .._dtypes import compute_dtype
+from ..varlen import check_cu_seqlens
+
+
+def check_varlen_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, valid: torch.Tensor | None,
+                       cu_seqlens: torch.Tensor, total: int) -> None:
+    """With cu_seqlens: one start state (count (1,), mean/var (1, G)) shared by all documents, no padding."""
+    check_cu_seqlens(cu_seqlens, total)
+    if valid is not None:
+        raise ValueError("timestep_norm with cu_seqlens takes no padding mask (every token is real)")
+    if count.shape != (1,) or mean.shape[0] != 1 or var.shape[0] != 1:
+        raise ValueError("timestep_norm with cu_seqlens needs one start state: count (1,), mean and var (1, G)")
 
 
 def timestep_norm_naive(
@@ -25,12 +36,22 @@ def timestep_norm_naive(
     mean: torch.Tensor,
     var: torch.Tensor,
     valid: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (B, L, D); count (B,) int64; mean, var (B, G); valid (B, L) bool (False = pad).
 
     Returns y (B, L, D) in x's dtype and the final (count, mean, var).
+    cu_seqlens: packed documents over the B*L tokens (ops/varlen.py); count (1,), mean/var (1, G) are then
+    the state every document starts from, and the returned statistics are the last document's.
     """
     B, L, D = x.shape
+    if cu_seqlens is not None:
+        check_varlen_stats(count, mean, var, valid, cu_seqlens, B * L)
+        stream = x.reshape(1, B * L, D)
+        bounds = cu_seqlens.tolist()
+        parts = [timestep_norm_naive(stream[:, a:b], weight, bias, num_groups, eps, count, mean, var)
+                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return (torch.cat([p[0] for p in parts], dim=1).view(B, L, D), *parts[-1][1:])
     G = num_groups
     dt = compute_dtype(x, mean)
     xg = x.to(dt).view(B, L, G, D // G)
