@@ -5,23 +5,19 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 
+# Probed once without importing triton (that costs a second): a plain constant, so torch.compile traces the
+# dispatch below without a graph break.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-@functools.cache
+
 def triton_available() -> bool:
-    """True when the `triton` package can be imported."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except Exception:  # a broken install counts as absent
-        return False
-    return True
+    """True when the `triton` package is installed."""
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:
@@ -31,12 +27,12 @@ def interpreter_enabled() -> bool:
 
 def check_triton_input(x: torch.Tensor, what: str) -> None:
     """ValueError unless `x` can go to a Triton kernel: triton importable and x on CUDA (or the interpreter on)."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{what}: the triton path takes float32/bfloat16/float16 inputs, got {x.dtype}")
     if not triton_available():
         raise ValueError(f"{what}: the triton path was requested but triton is not installed (pip install triton)")
     if x.device.type != "cuda" and not interpreter_enabled():
         raise ValueError(f"{what}: the triton path needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{what}: the triton path takes float32/bfloat16/float16 inputs, got {x.dtype}")
 
 
 def use_triton_auto(x: torch.Tensor) -> bool:

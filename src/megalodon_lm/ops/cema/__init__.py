@@ -6,12 +6,14 @@ import os
 
 import torch
 
+from .._triton import use_triton_auto
 from .chunk import cema_chunked
 from .coefficients import CemaCoefficients, cema_coefficients
 from .fft import cema_fft
 from .naive import cema_naive
+from .triton import cema_triton  # registers the custom ops; triton itself is imported on first call
 
-__all__ = ["CemaCoefficients", "cema", "cema_chunked", "cema_coefficients", "cema_fft", "cema_naive"]
+__all__ = ["CemaCoefficients", "cema", "cema_chunked", "cema_coefficients", "cema_fft", "cema_naive", "cema_triton"]
 
 # Inputs this short run the exact step-by-step recurrence: cheaper than building block operators.
 RECURRENT_MAX_LEN = 2
@@ -26,7 +28,9 @@ def cema(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatching CEMA. x: (B, L, D) -> (y (B, L, D), final state (B, D, N) complex or None).
 
-    MEGALODON_CEMA_IMPL=naive|chunk forces a path (default: recurrent for L <= 2, chunked scan else).
+    MEGALODON_CEMA_IMPL=naive|chunk|triton forces a path. Default (auto): the Triton scan for float32/bf16/fp16
+    CUDA inputs when triton imports (decoding included: one launch); on other devices the recurrence for
+    L <= 2 and the chunked scan else.
     """
     impl = os.environ.get("MEGALODON_CEMA_IMPL", "auto")
     # Under bf16 autocast the block matmuls would run in bf16; CEMA stays in fp32 (reference §2.9).
@@ -39,6 +43,8 @@ def _dispatch(
     need_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     L = x.shape[1]
+    if impl == "triton" or (impl == "auto" and coef.p.dtype == torch.float32 and use_triton_auto(x)):
+        return cema_triton(x, coef, h0, lengths, need_state)
     if impl == "naive" or (impl == "auto" and L <= RECURRENT_MAX_LEN):  # also handles L == 0
         valid = None
         if lengths is not None:
@@ -46,5 +52,5 @@ def _dispatch(
         y, h = cema_naive(x, coef, h0, valid)
         return y, (h if need_state else None)
     if impl not in ("auto", "chunk"):
-        raise ValueError(f"MEGALODON_CEMA_IMPL must be 'auto', 'naive' or 'chunk', got {impl!r}")
+        raise ValueError(f"MEGALODON_CEMA_IMPL must be 'auto', 'naive', 'chunk' or 'triton', got {impl!r}")
     return cema_chunked(x, coef, h0, lengths, need_state)

@@ -6,7 +6,8 @@ Each program owns one (row, group, chunk of T tokens) tile of x, (T, F) with F =
 forms the group mean m_t and population variance v_t; relative to a per-(row, group) shift K (the incoming
 mean, or the first real token's mean) the running statistics are
 
-    c_t = c0 + sum w_s,   s1_t = c0 (mu0 - K) + sum w_s (m_s - K),   s2_t = c0 (var0 + (mu0 - K)^2) + sum w_s (v_s + (m_s - K)^2)
+    c_t = c0 + sum w_s,   s1_t = c0 (mu0 - K) + sum w_s (m_s - K)
+    s2_t = c0 (var0 + (mu0 - K)^2) + sum w_s (v_s + (m_s - K)^2)
     mu_t = K + s1_t / c_t,   var_t = s2_t / c_t - (s1_t / c_t)^2
 
 (the pooled mean/variance, i.e. the Welford merges of the naive path). The sums carried between chunks are
