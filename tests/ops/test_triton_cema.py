@@ -56,20 +56,26 @@ def _run(fn, raw, x, h0r, weights, valid, with_h0, dtype, device):
     return y * valid.unsqueeze(-1), h, torch.autograd.grad(loss, leaves)
 
 
+CK = CHECKPOINT_EVERY
+
+
 @pytest.mark.parametrize(
-    ("L", "with_h0", "padded", "checkpoint"),
-    [(1, False, False, CHECKPOINT_EVERY), (7, True, True, CHECKPOINT_EVERY), (33, True, False, CHECKPOINT_EVERY),
-     (64, False, True, CHECKPOINT_EVERY), (65, True, True, CHECKPOINT_EVERY), (17, True, True, 8)],
+    ("L", "with_h0", "padded", "checkpoint", "slice_len"),
+    [(1, False, False, CK, 0), (7, True, True, CK, 0), (33, True, False, CK, 0), (64, False, True, CK, 0),
+     (65, True, True, CK, 0), (17, True, True, 8, 0), (65, True, True, 8, 16), (33, False, True, 4, 9)],
 )
-def test_triton_cema_matches_naive(triton_device, L, with_h0, padded, checkpoint):
-    """Outputs at real steps, final state, grads of x, h0 and all raw parameters (B=2, D=5, N=3)."""
+def test_triton_cema_matches_naive(triton_device, L, with_h0, padded, checkpoint, slice_len):
+    """Outputs at real steps, final state, grads of x, h0 and all raw parameters (B=2, D=5, N=3).
+
+    slice_len > 0: time cut into slices scanned in parallel (65 steps in 16-step slices; 33 in 12-step
+    slices of 4-step segments), with a padded row whose real steps end inside a slice."""
     B, D, N = 2, 5, 3
     raw, x, h0r, w = _case(B, L, D, N, seed=L)
     lengths = torch.tensor([L, (L + 1) // 2]) if padded else None
     valid = torch.ones(B, L, dtype=torch.bool) if lengths is None else torch.arange(L) < lengths.unsqueeze(1)
     ref = _run(lambda x, c, h0: cema_naive(x, c, h0, valid), raw, x, h0r, w, valid, with_h0, F64, "cpu")
     lens = None if lengths is None else lengths.to(triton_device)
-    out = _run(lambda x, c, h0: cema_triton(x, c, h0, lens, need_state=True, checkpoint=checkpoint),
+    out = _run(lambda x, c, h0: cema_triton(x, c, h0, lens, True, checkpoint, slice_len),
                raw, x, h0r, w, valid, with_h0, torch.float32, triton_device)
     assert rel(out[0], ref[0]) <= TOL_OUT
     assert rel(out[1], ref[1]) <= TOL_OUT
