@@ -57,7 +57,7 @@ def cema_fwd_kernel(
     ckpt: (B, NC, D, N) state entering every CK-th step. STORE_Y=False: pass 1 (only hout).
     """
     b = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(2)
+    s = tl.program_id(2).to(tl.int64)  # so that step indices t and t * D are int64
     d, n, dmask, mask, dn, p, qr, qi, er, ei, om = _params(
         p_ptr, qr_ptr, qi_ptr, er_ptr, ei_ptr, om_ptr, D, N, BLOCK_D, BLOCK_N)
     st = (b * S + s) * D * N + dn
@@ -134,7 +134,7 @@ def cema_adjoint_kernel(
     """Grid (B, cdiv(D, BLOCK_D), S): backward pass 1, the adjoint of each slice from a zero carry, walked to the
     slice's first step: v[b, s] = dL/dh_{start - 1} through the slice's own outputs. v: (B, S, D, N)."""
     b = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(2)
+    s = tl.program_id(2).to(tl.int64)  # so that step indices t and t * D are int64
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     dmask = d < D
@@ -175,7 +175,7 @@ def cema_bwd_kernel(
     scr, sci: scratch (B, n_dblocks, S, CK, BLOCK_D, BLOCK_N) float32 for one segment of recomputed states.
     """
     b = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(2)
+    s = tl.program_id(2).to(tl.int64)  # so that step indices t and t * D are int64
     d, n, dmask, mask, dn, p, qr, qi, er, ei, om = _params(
         p_ptr, qr_ptr, qi_ptr, er_ptr, ei_ptr, om_ptr, D, N, BLOCK_D, BLOCK_N)
     st = (b * S + s) * D * N + dn
