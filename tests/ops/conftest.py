@@ -23,9 +23,9 @@ def golden_dir() -> Path:
 def triton_device():
     """Device for the Triton kernel tests: CUDA when present, else CPU under Triton's interpreter.
 
-    The interpreter is chosen when a kernel is decorated (import time), so the kernel modules are
-    (re)loaded with TRITON_INTERPRET=1 set; the variable stays set for the module's tests (the dispatch
-    checks it) and is restored afterwards. Skips when triton is not installed.
+    The interpreter is chosen when triton and a kernel are decorated (import time); tests/conftest.py sets
+    TRITON_INTERPRET=1 before anything imports triton. Kernel modules imported without it are reloaded;
+    triton itself cannot be, so that case fails with an explanation. Skips when triton is not installed.
     """
     import importlib
     import os
@@ -42,11 +42,16 @@ def triton_device():
         return
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
+    if not isinstance(tl.standard.sum, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it): "
+                    "its interpreter cannot run the kernels in this process")
     for name in ("megalodon_lm.ops.cema.triton_kernels", "megalodon_lm.ops.timestep_norm.triton_kernels"):
         module = sys.modules.get(name) or importlib.import_module(name)
-        if not isinstance(next(v for k, v in vars(module).items() if k.endswith("_kernel")), InterpretedFunction):
+        if not isinstance(module.__dict__[next(k for k in vars(module) if k.endswith("_kernel"))],
+                          InterpretedFunction):
             importlib.reload(module)
     try:
         yield torch.device("cpu")

@@ -15,9 +15,13 @@ from .._triton import check_triton_input
 from .coefficients import CemaCoefficients
 
 CHECKPOINT_EVERY = 32  # steps between stored states: memory B*D*N*L/32 complex vs segment recompute
+# Launch shape, unmeasured first guesses (no GPU has run these kernels yet; see docs/kernels.md): a 16 x 16
+# complex state per program on 2 warps (4 values per thread), and enough time slices for 16 programs per SM,
+# since each step waits on a global load of x and only other resident warps hide that latency.
 BLOCK_D = 16  # channels per program
+NUM_WARPS = 2
 MIN_SLICE_SEGMENTS = 4  # a time slice spans >= 4 checkpoint segments (128 steps) so passes 1-2 stay cheap
-PROGRAMS_PER_SM = 8  # slices are added until rows x channel blocks x slices reach this many programs per SM
+PROGRAMS_PER_SM = 16  # slices are added until rows x channel blocks x slices reach this many programs per SM
 
 
 def _launch_dims(D: int, N: int) -> tuple[int, int]:
@@ -69,7 +73,7 @@ def cema_scan(
     n_db = -(-D // bd)
     S, segs = _slicing(x, n_db, checkpoint, slice_len)
     coef = (p, q_re, q_im, eta_re, eta_im, omega)
-    dims = dict(CK=checkpoint, BLOCK_D=bd, BLOCK_N=bn)
+    dims = dict(CK=checkpoint, BLOCK_D=bd, BLOCK_N=bn, num_warps=NUM_WARPS)
     if S == 1:
         h_in = (h0_re.view(B, 1, D, N), h0_im.view(B, 1, D, N))
         h_out = (h_re.view(B, 1, D, N), h_im.view(B, 1, D, N))
@@ -80,7 +84,8 @@ def cema_scan(
                                       L, D, N, nc, S, segs, STORE_Y=False, **dims)
         h_in = (torch.empty_like(zeros), torch.empty_like(zeros))
         cema_combine_kernel[(B, n_db)](*u, *_log_q(q_re, q_im), lengths, h0_re, h0_im, *h_in, h_re, h_im,
-                                       D, N, S, segs * checkpoint, BLOCK_D=bd, BLOCK_N=bn, REVERSE=False)
+                                       D, N, S, segs * checkpoint, BLOCK_D=bd, BLOCK_N=bn, REVERSE=False,
+                                       num_warps=NUM_WARPS)
         h_out = u  # the slice end states again: scratch
     cema_fwd_kernel[(B, n_db, S)](x, *coef, *h_in, lengths, y, *h_out, ck_re, ck_im,
                                   L, D, N, nc, S, segs, STORE_Y=True, **dims)
@@ -120,17 +125,18 @@ def cema_scan_backward(
     else:
         v = (torch.empty(B, S, D, N, **f32), torch.empty(B, S, D, N, **f32))
         cema_adjoint_kernel[(B, n_db, S)](gy, q_re, q_im, eta_re, eta_im, lengths, *v, L, D, N, S,
-                                          segs * checkpoint, BLOCK_D=bd, BLOCK_N=bn)
+                                          segs * checkpoint, BLOCK_D=bd, BLOCK_N=bn, num_warps=NUM_WARPS)
         a_in = (torch.empty_like(v[0]), torch.empty_like(v[0]))
         cema_combine_kernel[(B, n_db)](*v, *_log_q(q_re, q_im), lengths, gh_re, gh_im, *a_in, *dh0,
-                                       D, N, S, segs * checkpoint, BLOCK_D=bd, BLOCK_N=bn, REVERSE=True)
+                                       D, N, S, segs * checkpoint, BLOCK_D=bd, BLOCK_N=bn, REVERSE=True,
+                                       num_warps=NUM_WARPS)
     per_slice = [torch.empty(B, S, D, N, **f32) for _ in range(7)]  # dp, dq re/im, deta re/im, a_start re/im
     d_om = torch.empty(B, S, D, **f32)
     scratch = [torch.empty(B, n_db, S, checkpoint, bd, bn, **f32) for _ in range(2)]
     cema_bwd_kernel[(B, n_db, S)](
         x, gy, p, q_re, q_im, eta_re, eta_im, omega, lengths, ck_re, ck_im, *a_in,
         dx, *per_slice[:5], d_om, per_slice[5], per_slice[6], *scratch,
-        L, D, N, nc, S, segs, CK=checkpoint, BLOCK_D=bd, BLOCK_N=bn,
+        L, D, N, nc, S, segs, CK=checkpoint, BLOCK_D=bd, BLOCK_N=bn, num_warps=NUM_WARPS,
     )
     if S == 1:
         dh0 = (per_slice[5].view(B, D, N), per_slice[6].view(B, D, N))
