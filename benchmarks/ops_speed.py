@@ -1,5 +1,6 @@
-"""Speed of the sequence ops: CEMA (chunked scan per block size vs FFT vs naive), TimestepNorm (prefix vs
-naive) and chunk attention (SDPA path vs naive), forward and forward+backward, with a bandwidth estimate.
+"""Speed of the sequence ops: CEMA (chunked scan per block size vs FFT vs naive vs Triton), TimestepNorm (prefix
+vs naive vs Triton) and chunk attention (SDPA path vs naive), forward and forward+backward, with a bandwidth
+estimate. The Triton rows run only on CUDA with triton installed (a note says why they are absent otherwise).
 
     python benchmarks/ops_speed.py            # L = 1K, 4K, 16K
     python benchmarks/ops_speed.py --quick    # smoke run
@@ -42,12 +43,15 @@ from megalodon_lm.ops import (
     cema_coefficients,
     cema_fft,
     cema_naive,
+    cema_triton,
     chunk_attention,
     chunk_attention_naive,
     rope_inverse_frequencies,
     timestep_norm_naive,
     timestep_norm_prefix,
+    timestep_norm_triton,
 )
+from megalodon_lm.ops._triton import triton_available
 
 D, N, G = 384, 16, 32
 C, H, DZ, DV = 256, 2, 64, 384
@@ -87,6 +91,11 @@ def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 # ---------------------------------------------------------------------------------------- cases
+def _triton_ok(device: torch.device) -> bool:
+    """Triton rows need CUDA and the triton package (the CPU interpreter is far too slow to time)."""
+    return device.type == "cuda" and triton_available()
+
+
 def cema_cases(L: int, device: torch.device, naive_max: int, gen: torch.Generator) -> list[Case]:
     """CEMA at B=1, D=384, N=16 with reference-like random parameters."""
     def rnd(*shape: int, std: float = 1.0) -> torch.Tensor:
@@ -110,6 +119,8 @@ def cema_cases(L: int, device: torch.device, naive_max: int, gen: torch.Generato
     for bs in BLOCKS:
         impls[f"chunked T={bs}"] = lambda bs=bs: cema_chunked(x, coef(), block_size=bs)[0]
     impls["fft"] = lambda: cema_fft(x, coef())
+    if _triton_ok(device):
+        impls["triton"] = lambda: cema_triton(x, coef())[0]
     cases = [Case("cema", name, L, _no_grad(fn), _grad_fn(fn, [x, *params], gy), bytes_fwd, bytes_bwd)
              for name, fn in impls.items()]
     if L <= naive_max:
@@ -136,6 +147,12 @@ def norm_cases(L: int, device: torch.device, naive_max: int, gen: torch.Generato
 
     cases = [Case("timestep_norm", "prefix", L, _no_grad(prefix), _grad_fn(prefix, [x, weight, bias], gy),
                   bytes_fwd, bytes_bwd)]
+    if _triton_ok(device):
+        def kernels() -> torch.Tensor:
+            return timestep_norm_triton(x, weight, bias, G, 1e-5, count, mean, var)[0]
+
+        cases.append(Case("timestep_norm", "triton", L, _no_grad(kernels), _grad_fn(kernels, [x, weight, bias], gy),
+                          bytes_fwd, bytes_bwd))
     if L <= naive_max:
         cases.append(Case("timestep_norm", "naive", L, _no_grad(naive), None, bytes_fwd, 0))
     return cases
@@ -249,6 +266,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     print(f"device {device}, threads {threads}, torch {torch.__version__}, "
           f"lengths {[fmt_len(x) for x in lengths]}")
+    triton_note = None
+    if not _triton_ok(device):
+        triton_note = ("Triton rows skipped: " + ("triton is not installed" if not triton_available()
+                                                  else f"device is {device.type}, the kernels need CUDA"))
+        print(triton_note)
     gen = torch.Generator().manual_seed(args.seed)
     records: list[dict[str, Any]] = []
     for L in lengths:
@@ -270,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "cema": {"D": D, "N": N, "block_sizes": list(BLOCKS)},
                       "timestep_norm": {"D": D, "G": G},
                       "chunk_attention": {"C": C, "H": H, "dz": DZ, "dv": DV}},
+           "triton_note": triton_note,
            "results": records,
            "winners": {op: {str(L): w for L, w in per.items()} for op, per in win.items()}}
     print(f"\nresults written to {save_json(args.out, res)}")

@@ -6,13 +6,16 @@ import os
 
 import torch
 
+from .._triton import use_triton_auto
 from .chunk import cema_chunked
 from .coefficients import CemaCoefficients, cema_coefficients
 from .fft import cema_fft
 from .naive import cema_naive
+from .triton import cema_triton  # registers the custom ops; triton itself is imported on first call
 from .varlen import cema_varlen
 
-__all__ = ["CemaCoefficients", "cema", "cema_chunked", "cema_coefficients", "cema_fft", "cema_naive", "cema_varlen"]
+__all__ = ["CemaCoefficients", "cema", "cema_chunked", "cema_coefficients", "cema_fft", "cema_naive", "cema_triton",
+           "cema_varlen"]
 
 # Inputs this short run the exact step-by-step recurrence: cheaper than building block operators.
 RECURRENT_MAX_LEN = 2
@@ -28,7 +31,9 @@ def cema(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatching CEMA. x: (B, L, D) -> (y (B, L, D), final state (B, D, N) complex or None).
 
-    MEGALODON_CEMA_IMPL=naive|chunk forces a path (default: recurrent for L <= 2, chunked scan else).
+    MEGALODON_CEMA_IMPL=naive|chunk|triton forces a path. Default (auto): the Triton scan for float32/bf16/fp16
+    CUDA inputs when triton imports (decoding included: one launch); on other devices the recurrence for
+    L <= 2 and the chunked scan else.
     cu_seqlens: packed documents over the B*L tokens (ops/varlen.py), each from a zero state; always the
     PyTorch paths (naive when forced, else `cema_varlen`); the state is then the last document's (1, D, N).
     """
@@ -57,6 +62,8 @@ def _dispatch(
     need_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     L = x.shape[1]
+    if impl == "triton" or (impl == "auto" and coef.p.dtype == torch.float32 and use_triton_auto(x)):
+        return cema_triton(x, coef, h0, lengths, need_state)
     if impl == "naive" or (impl == "auto" and L <= RECURRENT_MAX_LEN):  # also handles L == 0
         valid = None
         if lengths is not None:
@@ -64,5 +71,5 @@ def _dispatch(
         y, h = cema_naive(x, coef, h0, valid)
         return y, (h if need_state else None)
     if impl not in ("auto", "chunk"):
-        raise ValueError(f"MEGALODON_CEMA_IMPL must be 'auto', 'naive' or 'chunk', got {impl!r}")
+        raise ValueError(f"MEGALODON_CEMA_IMPL must be 'auto', 'naive', 'chunk' or 'triton', got {impl!r}")
     return cema_chunked(x, coef, h0, lengths, need_state)

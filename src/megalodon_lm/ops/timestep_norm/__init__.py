@@ -6,10 +6,12 @@ import os
 
 import torch
 
+from .._triton import use_triton_auto
 from .naive import timestep_norm_naive
 from .prefix import timestep_norm_prefix
+from .triton import timestep_norm_triton  # registers the custom ops; triton is imported on first call
 
-__all__ = ["timestep_norm", "timestep_norm_naive", "timestep_norm_prefix"]
+__all__ = ["timestep_norm", "timestep_norm_naive", "timestep_norm_prefix", "timestep_norm_triton"]
 
 
 def timestep_norm(
@@ -26,16 +28,20 @@ def timestep_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatching TimestepNorm (see `timestep_norm_naive` for the contract).
 
-    MEGALODON_NORM_IMPL=naive|prefix forces a path (default: the Welford step for a single token, where it
-    is the cheapest exact path, prefix sums otherwise). With cu_seqlens (packed documents, each from the
-    given start state) the naive per-document loop when forced, else the segmented prefix sums.
+    MEGALODON_NORM_IMPL=naive|prefix|triton forces a path. Default (auto): the Triton kernels for
+    float32/bf16/fp16 CUDA inputs with float32 statistics when triton imports; elsewhere the Welford step for
+    a single token, where it is the cheapest exact path, prefix sums otherwise. With cu_seqlens (packed
+    documents, each from the given start state) the naive per-document loop when forced, else the segmented
+    prefix sums (never Triton).
     """
     impl = os.environ.get("MEGALODON_NORM_IMPL", "auto")
     if cu_seqlens is not None:
         path = timestep_norm_naive if impl == "naive" else timestep_norm_prefix
         return path(x, weight, bias, num_groups, eps, count, mean, var, valid, cu_seqlens)
+    if impl == "triton" or (impl == "auto" and mean.dtype == torch.float32 and use_triton_auto(x)):
+        return timestep_norm_triton(x, weight, bias, num_groups, eps, count, mean, var, valid)
     if impl == "naive" or (impl == "auto" and x.shape[1] == 1):
         return timestep_norm_naive(x, weight, bias, num_groups, eps, count, mean, var, valid)
     if impl not in ("auto", "prefix"):
-        raise ValueError(f"MEGALODON_NORM_IMPL must be 'auto', 'naive' or 'prefix', got {impl!r}")
+        raise ValueError(f"MEGALODON_NORM_IMPL must be 'auto', 'naive', 'prefix' or 'triton', got {impl!r}")
     return timestep_norm_prefix(x, weight, bias, num_groups, eps, count, mean, var, valid)
