@@ -228,6 +228,9 @@ def layer_case(name: str, L: int, args: argparse.Namespace, device: torch.device
         return torch.autograd.grad(forward(x), [x, *params], gy)
 
     env = {"MEGALODON_CEMA_IMPL": "chunk", "MEGALODON_NORM_IMPL": "prefix"} if "pytorch" in name else {}
+    for mode in ("loop", "off"):  # how the wide value heads reach SDPA (ops/attention/chunk.py)
+        if f"v-split {mode}" in name:
+            env["MEGALODON_ATTN_VALUE_SPLIT"] = mode
     with _env(**env):
         times = time_repeated(step, device, args.warmup, args.repeats)
         peak = _peak_step(step, device)
@@ -237,12 +240,15 @@ def layer_case(name: str, L: int, args: argparse.Namespace, device: torch.device
 
 
 def run_layers(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
-    names = ["megalodon (auto ops)", "megalodon (pytorch ops)", "llama2-7b layer (sdpa)"]
+    # v-split: the 2048-wide value heads reach SDPA's flash kernel as 256-wide slices sharing q/k (default:
+    # repeated q/k heads; loop: one call per slice; off: one math-path call with (C x C) scores).
+    names = ["megalodon (auto ops)", "megalodon (auto ops, v-split loop)", "megalodon (auto ops, v-split off)",
+             "megalodon (pytorch ops)", "llama2-7b layer (sdpa)"]
     try:
         import transformers  # noqa: F401
     except ImportError:
         print("transformers is not installed: Llama baseline skipped")
-        names = names[:2]
+        names = names[:-1]
     out = []
     for L in args.lengths:
         for name in names:

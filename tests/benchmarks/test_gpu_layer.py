@@ -28,7 +28,8 @@ def test_gpu_layer_smoke(tmp_path):
                                              "timestep_norm (prefix)"}
     assert all(r["median_s"] > 0 and r["bytes"] > 0 for r in res["ops"])
     layers = res["layers"]
-    assert {r["model"] for r in layers} == {"megalodon (auto ops)", "megalodon (pytorch ops)",
+    assert {r["model"] for r in layers} == {"megalodon (auto ops)", "megalodon (auto ops, v-split loop)",
+                                            "megalodon (auto ops, v-split off)", "megalodon (pytorch ops)",
                                             "llama2-7b layer (sdpa)"}
     assert {r["length"] for r in layers} == {64, 128}
     assert all(r["tokens_per_s"] > 0 and r["parameters"] > 0 for r in layers)
