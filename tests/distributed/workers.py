@@ -1,0 +1,68 @@
+"""Functions run inside the spawned ranks (module level, so that spawn can import them)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from megalodon_lm.models import MegalodonConfig, MegalodonLM
+
+# Tiny, but with every piece that carries state: 2 layers, 2 heads, several norm groups and CEMA dims.
+TINY = dict(vocab_size=48, num_layers=2, model_dim=32, z_dim=16, value_dim=32, num_heads=2, ffn_hidden_dim=64,
+            chunk_size=8, norm_num_groups=4)
+
+
+def tiny_model(seed: int = 0, **overrides) -> MegalodonLM:
+    torch.manual_seed(seed)
+    return MegalodonLM(MegalodonConfig.from_preset("nano", **{**TINY, **overrides}))
+
+
+def global_batch(batch: int, seq_len: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and targets, some targets ignored (-100), for the whole global batch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, TINY["vocab_size"], (batch, seq_len), generator=g)
+    y = torch.randint(0, TINY["vocab_size"], (batch, seq_len), generator=g)
+    y[torch.rand(batch, seq_len, generator=g) < 0.2] = -100
+    return x, y
+
+
+def reference_grads(batch: int, seq_len: int, micro: int = 1) -> tuple[float, dict[str, torch.Tensor]]:
+    """One process on the whole global batch: mean loss over scored targets and every gradient."""
+    model = tiny_model()
+    x, y = global_batch(batch * micro, seq_len)
+    logits = model(x).logits
+    n = int((y != -100).sum())
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                                             reduction="sum") / n
+    loss.backward()
+    return float(loss), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def full_grad(p: torch.Tensor) -> torch.Tensor:
+    g = p.grad
+    return g.full_tensor() if hasattr(g, "full_tensor") else g
+
+
+def grads_worker(rank: int, world: int, out: Path, parallel: str, cp: int, batch: int, seq_len: int,
+                 micro: int = 1) -> None:
+    """One distributed backward over the global batch (`micro` micro-batches); rank 0 saves loss and grads."""
+    from megalodon_lm.distributed.env import init_from_env
+    from megalodon_lm.distributed.parallelize import wrap_model
+    from megalodon_lm.distributed.train_step import distributed_backward
+
+    ctx = init_from_env(cp, "cpu")
+    model = tiny_model()
+    module = wrap_model(model, ctx, parallel)
+    x, y = global_batch(batch * micro, seq_len)
+    b, p = batch // ctx.dp_size, seq_len // ctx.cp_size
+    batches = []
+    for m in range(micro):
+        rows = slice(m * batch + ctx.dp_rank * b, m * batch + (ctx.dp_rank + 1) * b)
+        cols = slice(ctx.cp_rank * p, (ctx.cp_rank + 1) * p)
+        batches.append((x[rows, cols], y[rows, cols]))
+    loss = distributed_backward(module, batches, ctx, contextlib.nullcontext)
+    grads = {name: full_grad(q).clone() for name, q in model.named_parameters()}
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads}, out / "result.pt")
