@@ -18,7 +18,8 @@ PARALLEL_CHOICES = ("auto", "ddp", "fsdp", "none")
 
 
 class LossModule(nn.Module):
-    """`forward(input_ids, targets, comm)` -> summed cross-entropy of this rank's tokens (a scalar).
+    """`forward(input_ids, targets, comm)` -> summed cross-entropy of this rank's tokens (a scalar);
+    `forward(input_ids)` -> the model's output on whole sequences (evaluation, on every rank).
 
     DDP and FSDP2 wrap this module rather than the model, so that the chunk-parallel forward (which calls the
     blocks one by one) runs inside the wrapper's forward and its hooks. State-dict keys are "model.<name>".
@@ -29,7 +30,9 @@ class LossModule(nn.Module):
         self.model = model
         self.chunk_group = chunk_group
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, comm: Comm | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, comm: Comm | None = None):
+        if targets is None:
+            return self.model(input_ids)
         if self.chunk_group is not None:
             if comm is None:
                 raise ValueError("the chunk-parallel loss needs a Comm to track its sends and receives")
