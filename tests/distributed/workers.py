@@ -66,3 +66,10 @@ def grads_worker(rank: int, world: int, out: Path, parallel: str, cp: int, batch
     grads = {name: full_grad(q).clone() for name, q in model.named_parameters()}
     if rank == 0:
         torch.save({"loss": loss, "grads": grads}, out / "result.pt")
+
+
+def train_worker(rank: int, world: int, out: Path, options: dict) -> None:
+    """`megalodon_lm.train` on every rank (what `torchrun -m megalodon_lm train` runs)."""
+    import megalodon_lm
+
+    megalodon_lm.train(None, **options)

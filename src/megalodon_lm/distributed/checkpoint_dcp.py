@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,9 @@ def consolidate(ckpt_dir: str | Path, model_config: MegalodonConfig | None = Non
         model = MegalodonLM(model_config)
     target = {MODEL_PREFIX + k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
     state = {"model": target}
-    dcp.load(state, checkpoint_id=str(ckpt / SHARDED_DIR), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": the intended single-process load
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt / SHARDED_DIR), no_dist=True)
     weights = {k[len(MODEL_PREFIX):]: v for k, v in state["model"].items()}
     out = ckpt / MODEL_FILE
     tmp = ckpt / f"{TMP_PREFIX}{MODEL_FILE}-{os.getpid()}"
