@@ -45,27 +45,28 @@ def full_grad(p: torch.Tensor) -> torch.Tensor:
     return g.full_tensor() if hasattr(g, "full_tensor") else g
 
 
-def grads_worker(rank: int, world: int, out: Path, parallel: str, cp: int, batch: int, seq_len: int,
-                 micro: int = 1) -> None:
-    """One distributed backward over the global batch (`micro` micro-batches); rank 0 saves loss and grads."""
+def grads_worker(rank: int, world: int, out: Path, cases: list[tuple[str, str, int, int, int, int]]) -> None:
+    """Per case (name, parallel, cp, batch, seq_len, micro): one distributed backward over the global batch
+    (`micro` micro-batches); rank 0 saves loss and full gradients to <out>/<name>.pt."""
     from megalodon_lm.distributed.env import init_from_env
     from megalodon_lm.distributed.parallelize import wrap_model
     from megalodon_lm.distributed.train_step import distributed_backward
 
-    ctx = init_from_env(cp, "cpu")
-    model = tiny_model()
-    module = wrap_model(model, ctx, parallel)
-    x, y = global_batch(batch * micro, seq_len)
-    b, p = batch // ctx.dp_size, seq_len // ctx.cp_size
-    batches = []
-    for m in range(micro):
-        rows = slice(m * batch + ctx.dp_rank * b, m * batch + (ctx.dp_rank + 1) * b)
-        cols = slice(ctx.cp_rank * p, (ctx.cp_rank + 1) * p)
-        batches.append((x[rows, cols], y[rows, cols]))
-    loss = distributed_backward(module, batches, ctx, contextlib.nullcontext)
-    grads = {name: full_grad(q).clone() for name, q in model.named_parameters()}
-    if rank == 0:
-        torch.save({"loss": loss, "grads": grads}, out / "result.pt")
+    for name, parallel, cp, batch, seq_len, micro in cases:
+        ctx = init_from_env(cp, "cpu")  # the process group once, a mesh per case
+        model = tiny_model()
+        module = wrap_model(model, ctx, parallel)
+        x, y = global_batch(batch * micro, seq_len)
+        b, p = batch // ctx.dp_size, seq_len // ctx.cp_size
+        batches = []
+        for m in range(micro):
+            rows = slice(m * batch + ctx.dp_rank * b, m * batch + (ctx.dp_rank + 1) * b)
+            cols = slice(ctx.cp_rank * p, (ctx.cp_rank + 1) * p)
+            batches.append((x[rows, cols], y[rows, cols]))
+        loss = distributed_backward(module, batches, ctx, contextlib.nullcontext)
+        grads = {n: full_grad(q).clone() for n, q in model.named_parameters()}
+        if rank == 0:
+            torch.save({"loss": loss, "grads": grads}, out / f"{name}.pt")
 
 
 def train_worker(rank: int, world: int, out: Path, options: dict) -> None:
@@ -73,3 +74,28 @@ def train_worker(rank: int, world: int, out: Path, options: dict) -> None:
     import megalodon_lm
 
     megalodon_lm.train(None, **options)
+
+
+def per_rank_train_worker(rank: int, world: int, out: Path, options_by_rank: list[dict]) -> None:
+    """Like `train_worker`, with each rank's own options (to test mismatches)."""
+    import megalodon_lm
+
+    megalodon_lm.train(None, **options_by_rank[rank])
+
+
+def dying_worker(rank: int, world: int, out: Path) -> None:
+    """Two DDP steps; rank 1 dies abruptly after the first. Rank 0 must raise, not hang."""
+    import os
+
+    from megalodon_lm.distributed.env import init_from_env
+    from megalodon_lm.distributed.parallelize import wrap_model
+    from megalodon_lm.distributed.train_step import distributed_backward
+
+    ctx = init_from_env(1, "cpu")
+    module = wrap_model(tiny_model(), ctx, "ddp")
+    x, y = global_batch(2, 16)
+    batch = [(x[rank : rank + 1], y[rank : rank + 1])]
+    distributed_backward(module, batch, ctx, contextlib.nullcontext)
+    if rank == 1:
+        os._exit(3)
+    distributed_backward(module, batch, ctx, contextlib.nullcontext)
