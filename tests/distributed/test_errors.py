@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from training.conftest import tiny_options
 
 import megalodon_lm
-from training.conftest import tiny_options
 
 from .launch import errors, run_ranks
 from .workers import dying_worker, per_rank_train_worker

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from training.conftest import run_tiny, tiny_options, train_lines
 
 from megalodon_lm.training.checkpoint import latest_checkpoint, list_checkpoints, load_run
 
-from training.conftest import run_tiny, tiny_options, train_lines
 from .launch import check_ok, run_ranks
 from .workers import train_worker
 

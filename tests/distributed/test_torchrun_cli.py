@@ -7,8 +7,9 @@ import json
 import subprocess
 import sys
 
-from megalodon_lm.training.checkpoint import latest_checkpoint, load_run
 from training.conftest import cli_env, run_tiny, tiny_options, train_lines, write_toml
+
+from megalodon_lm.training.checkpoint import latest_checkpoint, load_run
 
 from .launch import free_port
 

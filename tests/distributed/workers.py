@@ -37,7 +37,7 @@ def reference_grads(batch: int, seq_len: int, micro: int = 1) -> tuple[float, di
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
                                              reduction="sum") / n
     loss.backward()
-    return float(loss), {name: p.grad.clone() for name, p in model.named_parameters()}
+    return float(loss.detach()), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 def full_grad(p: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ Layout (format version 1)::
                                trainer_state.json   the caller's dict: step, tokens, elapsed, data position, ...
                                rng.safetensors      "cpu": torch CPU RNG state; "cuda:<i>": each CUDA device's
         latest                 text file naming the newest complete checkpoint directory
+      (a distributed run's step_* holds dcp/ shards and rng_rank<r>.safetensors instead of model.safetensors,
+       optimizer.pt and rng.safetensors; see megalodon_lm.distributed.checkpoint_dcp)
       metrics.jsonl, ...       see megalodon_lm.training.metrics
 
 A checkpoint is written into ``checkpoints/.tmp-step_NNNNNNNN-<pid>/``, fsynced and renamed into place, so a
