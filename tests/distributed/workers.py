@@ -28,9 +28,10 @@ def global_batch(batch: int, seq_len: int, seed: int = 1) -> tuple[torch.Tensor,
     return x, y
 
 
-def reference_grads(batch: int, seq_len: int, micro: int = 1) -> tuple[float, dict[str, torch.Tensor]]:
+def reference_grads(batch: int, seq_len: int, micro: int = 1,
+                    dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, torch.Tensor]]:
     """One process on the whole global batch: mean loss over scored targets and every gradient."""
-    model = tiny_model()
+    model = tiny_model().to(dtype)
     x, y = global_batch(batch * micro, seq_len)
     logits = model(x).logits
     n = int((y != -100).sum())
@@ -45,17 +46,19 @@ def full_grad(p: torch.Tensor) -> torch.Tensor:
     return g.full_tensor() if hasattr(g, "full_tensor") else g
 
 
-def grads_worker(rank: int, world: int, out: Path, cases: list[tuple[str, str, int, int, int, int]]) -> None:
-    """Per case (name, parallel, cp, batch, seq_len, micro): one distributed backward over the global batch
-    (`micro` micro-batches); rank 0 saves loss and full gradients to <out>/<name>.pt."""
+def grads_worker(rank: int, world: int, out: Path, cases: list[tuple]) -> None:
+    """Per case (name, parallel, cp, batch, seq_len, micro[, dtype, activation checkpointing]): one distributed
+    backward over the global batch (`micro` micro-batches); rank 0 saves loss and full gradients to
+    <out>/<name>.pt."""
     from megalodon_lm.distributed.env import init_from_env
     from megalodon_lm.distributed.parallelize import wrap_model
     from megalodon_lm.distributed.train_step import distributed_backward
 
-    for name, parallel, cp, batch, seq_len, micro in cases:
+    for name, parallel, cp, batch, seq_len, micro, *extra in cases:
+        dtype, ac = (extra + [torch.float32, False][len(extra):])[:2]
         ctx = init_from_env(cp, "cpu")  # the process group once, a mesh per case
-        model = tiny_model()
-        module = wrap_model(model, ctx, parallel)
+        model = tiny_model().to(dtype)
+        module = wrap_model(model, ctx, parallel, activation_checkpointing=ac)
         x, y = global_batch(batch * micro, seq_len)
         b, p = batch // ctx.dp_size, seq_len // ctx.cp_size
         batches = []

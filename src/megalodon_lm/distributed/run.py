@@ -48,6 +48,8 @@ class DistributedRun:
         try:
             check_same_config(cfg.to_dict(), PER_RANK_OPTIONS)
             self.kind = resolve_parallel(cfg.parallel, self.ctx.world_size)
+            if cfg.compile:
+                raise ValueError("--compile is supported in single-process runs only (not under torchrun yet)")
             if self.kind == "fsdp" and self.ctx.cp_size > 1:
                 raise ValueError("--chunk-parallel with --parallel fsdp is not supported; use --parallel ddp")
         except BaseException:
