@@ -51,6 +51,10 @@ TRAIN_HELP = {
     "dtype": "fp32, or bf16 autocast with fp32 master weights", "compile": "torch.compile the model",
     "threads": "torch CPU threads", "progress": "auto, bar, plain or none",
     "tensorboard": "write TensorBoard logs when tensorboard is installed",
+    "parallel": "under torchrun: auto (ddp with several processes), ddp, fsdp (FSDP2, one unit per block) or none",
+    "chunk_parallel": "under torchrun: K ranks share each sequence in K contiguous pieces (--seq-len divisible "
+                      "by K x chunk_size), handing the CEMA/norm state from rank to rank",
+    "activation_checkpointing": "recompute each block in the backward pass (less memory, more compute)",
 }
 
 
@@ -91,6 +95,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.stopped_by == "signal":
         return 128 + (result.signal or 2)  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     return 0
+
+
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .distributed.checkpoint_dcp import consolidate
+    from .training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+
+    run = Path(args.run_dir)
+    ckpt = latest_checkpoint(run) if args.step is None else run / CHECKPOINTS_DIR / f"step_{args.step:08d}"
+    if ckpt is None or not ckpt.is_dir():
+        raise FileNotFoundError(f"no checkpoint{'' if args.step is None else f' for step {args.step}'} in {run}")
+    print(f"wrote {consolidate(ckpt)}")
+    return 0
+
+
+def _add_consolidate_parser(sub) -> None:
+    c = sub.add_parser("consolidate", help="gather a distributed run's sharded checkpoint into model.safetensors",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("run_dir", help="run directory")
+    c.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    c.set_defaults(func=_cmd_consolidate)
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -148,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     _add_train_parser(sub)
     _add_tokenizer_parser(sub)
+    _add_consolidate_parser(sub)
     from .convert.cli import add_convert_parser
     from .evals.cli import add_eval_parser
     from .generation.cli import add_generate_parser

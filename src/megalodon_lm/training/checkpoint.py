@@ -14,6 +14,8 @@ Layout (format version 1)::
                                trainer_state.json   the caller's dict: step, tokens, elapsed, data position, ...
                                rng.safetensors      "cpu": torch CPU RNG state; "cuda:<i>": each CUDA device's
         latest                 text file naming the newest complete checkpoint directory
+      (a distributed run's step_* holds dcp/ shards and rng_rank<r>.safetensors instead of model.safetensors,
+       optimizer.pt and rng.safetensors; see megalodon_lm.distributed.checkpoint_dcp)
       metrics.jsonl, ...       see megalodon_lm.training.metrics
 
 A checkpoint is written into ``checkpoints/.tmp-step_NNNNNNNN-<pid>/``, fsynced and renamed into place, so a
@@ -51,6 +53,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"
+SHARDED_DIR = "dcp"  # torch.distributed.checkpoint shards of a distributed run (megalodon_lm.distributed)
 
 TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"step_(\d+)")
@@ -176,8 +179,14 @@ def _step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def is_sharded(ckpt_dir: str | Path) -> bool:
+    """A distributed run's checkpoint: torch.distributed.checkpoint shards instead of (or besides) one file."""
+    return (Path(ckpt_dir) / SHARDED_DIR / ".metadata").is_file()
+
+
 def _is_complete(ckpt_dir: Path) -> bool:
-    return (ckpt_dir / MODEL_FILE).is_file() and (ckpt_dir / TRAINER_STATE_FILE).is_file()
+    has_weights = (ckpt_dir / MODEL_FILE).is_file() or is_sharded(ckpt_dir)
+    return has_weights and (ckpt_dir / TRAINER_STATE_FILE).is_file()
 
 
 def _complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -302,6 +311,9 @@ def _device_str(device: str | torch.device) -> str:
 def load_model_weights(ckpt_dir: str | Path, model: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
     """Load a checkpoint's model.safetensors strictly into `model` (no RNG or optimizer side effects)."""
     path = Path(ckpt_dir) / MODEL_FILE
+    if not path.is_file() and is_sharded(ckpt_dir):
+        raise FileNotFoundError(f"{Path(ckpt_dir)} holds sharded weights only: write {MODEL_FILE} with "
+                                f"`megalodon-lm consolidate {Path(ckpt_dir).parent.parent}`")
     if not path.is_file():
         raise FileNotFoundError(f"no model weights ({MODEL_FILE}) in {Path(ckpt_dir)}")
     model.load_state_dict(load_file(str(path), device=_device_str(map_location)), strict=True)

@@ -65,6 +65,10 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | plain | none
     tensorboard: bool = True  # also write TensorBoard logs when tensorboard is installed
+    # distributed (under torchrun; see docs/distributed.md)
+    parallel: str = "auto"  # auto (ddp with several processes) | ddp | fsdp | none
+    chunk_parallel: int = 1  # K ranks share each sequence, K contiguous pieces (Megalodon's chunk parallelism)
+    activation_checkpointing: bool = False  # recompute each block in the backward (less memory, ~1/3 more compute)
     model: dict[str, Any] = field(default_factory=dict)  # MegalodonConfig overrides (TOML [model])
 
     def validate(self) -> None:
@@ -90,6 +94,10 @@ class TrainConfig:
             raise ValueError(f"--progress must be auto, bar, plain or none, got {self.progress!r}")
         if self.resume and self.init_from:
             raise ValueError("--resume continues a run; --init-from starts a new one from weights: pick one")
+        if self.parallel not in ("auto", "ddp", "fsdp", "none"):
+            raise ValueError(f"--parallel must be auto, ddp, fsdp or none, got {self.parallel!r}")
+        if isinstance(self.chunk_parallel, bool) or int(self.chunk_parallel) < 1:
+            raise ValueError(f"--chunk-parallel must be >= 1, got {self.chunk_parallel}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,7 +136,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 # Options a resumed run may change: they affect where and how it runs, not what it computes.
 RESUME_MAY_CHANGE = frozenset({"resume", "out", "progress", "threads", "device", "tensorboard", "cache_dir",
                                "max_time", "log_every", "keep_last", "eval_every", "save_every", "sample_tokens",
-                               "sample_prompt"})
+                               "sample_prompt", "parallel", "chunk_parallel", "activation_checkpointing"})
 
 
 def resolve_resume_config(overrides: dict[str, Any], toml_path: str | Path | None = None) -> TrainConfig:

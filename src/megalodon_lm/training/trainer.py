@@ -27,7 +27,14 @@ from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..generation.decoding import generate
 from ..models import MegalodonConfig, MegalodonLM
 from ..runtime import tune_cpu_allocator
-from .checkpoint import init_run_dir, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from .checkpoint import (
+    init_run_dir,
+    is_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics
 from .progress import Progress
@@ -143,9 +150,29 @@ class _StopFlag:
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) one training run described by a validated `TrainConfig`."""
+    """Run (or resume) one training run described by a validated `TrainConfig`.
+
+    Under torchrun (RANK/WORLD_SIZE set) the run is distributed: see megalodon_lm.distributed.run.
+    """
     cfg.validate()
-    device = _pick_device(cfg.device)
+    from ..distributed.env import is_torchrun
+
+    if not is_torchrun():
+        if cfg.chunk_parallel > 1:
+            raise ValueError("--chunk-parallel needs several processes: launch with torchrun (docs/distributed.md)")
+        return _run_training(cfg, None)
+    from ..distributed.run import DistributedRun
+
+    drun = DistributedRun(cfg)
+    try:
+        return _run_training(cfg, drun)
+    finally:
+        drun.close()
+
+
+def _run_training(cfg: TrainConfig, drun) -> TrainResult:
+    main = drun is None or drun.is_main
+    device = _pick_device(cfg.device) if drun is None else drun.device
     if device.type == "cpu":
         tune_cpu_allocator()  # see megalodon_lm.runtime: keeps long-sequence steps from re-faulting memory
     if cfg.threads:
@@ -156,6 +183,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     # ---- everything that can fail on bad input happens before any training
     if cfg.resume and latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
+    if cfg.resume and drun is None and is_sharded(latest_checkpoint(run_dir)):
+        raise ValueError(f"{latest_checkpoint(run_dir)} was saved by a distributed run: resume it under torchrun "
+                         "(any number of processes, 1 included)")
     tokenizer = load_tokenizer(run_dir / "tokenizer") if cfg.resume else load_tokenizer(cfg.tokenizer)
     if cfg.resume:
         mcfg = MegalodonConfig.from_json(run_dir / "model_config.json")
@@ -167,15 +197,21 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     val_sources = resolve_sources(cfg.val_data) if cfg.val_data else None
     schedule = WarmupCosine(base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                             min_lr_ratio=cfg.min_lr_ratio)
-    show = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
-    train_data, val_data = build_corpora(sources, tokenizer, cfg.cache_dir or Path.home() / ".cache" / "megalodon-lm",
-                                         val_sources=val_sources, progress=show)
+    show = main and (cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty()))
+    if drun is not None:
+        drun.check_model(mcfg)
+    with contextlib.nullcontext() if drun is None else drun.main_first():  # rank 0 fills the shared cache
+        train_data, val_data = build_corpora(sources, tokenizer,
+                                             cfg.cache_dir or Path.home() / ".cache" / "megalodon-lm",
+                                             val_sources=val_sources, progress=show)
     if len(train_data.tokens) < cfg.seq_len + 1:
         raise ValueError(f"training data has {len(train_data.tokens)} tokens, fewer than one window of "
                          f"--seq-len {cfg.seq_len} + 1")
-    init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)  # the first write: all checks passed
-    if not cfg.resume:
-        save_tokenizer(tokenizer, run_dir / "tokenizer")
+    with contextlib.nullcontext() if drun is None else drun.main_first():
+        if main:
+            init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)  # the first write: all checks passed
+            if not cfg.resume:
+                save_tokenizer(tokenizer, run_dir / "tokenizer")
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
 
     torch.manual_seed(cfg.seed)
@@ -183,12 +219,23 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if cfg.init_from:
         # Weights only: this run keeps its own seed and a fresh optimizer.
         load_model_weights(latest_checkpoint(cfg.init_from), model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing = True
+    module = model if drun is None else drun.wrap(model)  # DDP / FSDP2: the optimizer sees the wrapped params
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
     step, tokens, elapsed_before, horizon_fixed = 0, 0, 0.0, budget is None
-    metrics = MetricsLogger(run_dir, use_tensorboard=cfg.tensorboard)
+    if main:
+        metrics = MetricsLogger(run_dir, use_tensorboard=cfg.tensorboard)
+    else:
+        from ..distributed.run import NullMetrics
+
+        metrics = NullMetrics()
     if cfg.resume:
-        state, sched_state = load_checkpoint(latest_checkpoint(run_dir), model, optimizer)
+        if drun is None:
+            state, sched_state = load_checkpoint(latest_checkpoint(run_dir), model, optimizer)
+        else:
+            state, sched_state = drun.load(latest_checkpoint(run_dir), optimizer)
         if sched_state:
             schedule.load_state_dict(sched_state)
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -210,6 +257,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 "seed": cfg.seed, "max_steps": cfg.max_steps}
 
     def save() -> Path:
+        if drun is not None:
+            return drun.save(run_dir, step, optimizer, schedule.state_dict(), trainer_state(), cfg.keep_last)
         return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
                                keep_last=cfg.keep_last)
 
@@ -220,10 +269,15 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    progress = Progress(cfg.progress, total=schedule.max_steps, initial=step)
+    where = f"{device}"
+    if drun is not None:
+        tokens_per_step = drun.global_batch * cfg.seq_len * cfg.grad_accum
+        where = (f"{drun.ctx.world_size} processes ({drun.kind}, {drun.ctx.dp_size} data x {drun.ctx.cp_size} "
+                 f"chunk ranks) on {device.type}")
+    progress = Progress(cfg.progress if main else "none", total=schedule.max_steps, initial=step)
     progress.write(f"run {run_dir}: preset {cfg.preset!r}, {n_params:,} parameters, vocab {mcfg.vocab_size}, "
                    f"{len(train_data.tokens):,} train / {len(val_data.tokens):,} val tokens, "
-                   f"{tokens_per_step:,} tokens per step on {device}")
+                   f"{tokens_per_step:,} tokens per step on {where}")
 
     model.train()
     last_loss: float | None = None
@@ -235,20 +289,26 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     def run_eval() -> None:
         nonlocal val_loss, val_bpb, evaluated_at
-        val_loss, val_bpb = evaluate(model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device, autocast)
+        eval_model = model if drun is None else drun.eval_module  # FSDP2: every rank runs the root module
+        val_loss, val_bpb = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device, autocast)
         evaluated_at = step
         metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb})
         progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
 
     with _StopFlag() as stop:
         while step < schedule.max_steps:
-            if budget is not None and elapsed() >= budget:
+            out_of_time = budget is not None and elapsed() >= budget
+            if out_of_time if drun is None else drun.from_main(int(out_of_time)):  # rank 0's clock decides
                 stopped_by = "max_time"
                 break
             lr = schedule.apply(optimizer, step)
             t0 = time.perf_counter()
-            last_loss = _optimizer_step(step_fn, train_data, cfg, step, device, autocast, run_dir)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            if drun is None:
+                last_loss = _optimizer_step(step_fn, train_data, cfg, step, device, autocast, run_dir)
+            else:
+                last_loss = drun.backward(train_data, step, autocast)
+                _check_finite(last_loss, step, run_dir)
+            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -263,6 +323,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 # keep 3% of the budget for checkpoints and the final evaluation.
                 eval_share = cfg.eval_tokens / (3 * tokens_per_step * cfg.eval_every)
                 fit = step + max(1, int(0.97 * (budget - elapsed()) / (per_step * (1 + eval_share))))
+                if drun is not None:
+                    fit = drun.from_main(fit)  # every rank keeps rank 0's horizon
                 budget_set_horizon = fit < schedule.max_steps
                 schedule.max_steps = max(min(schedule.max_steps, fit), cfg.warmup_steps + 1, step + 1)
                 horizon_fixed = True
@@ -278,7 +340,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 run_eval()
             if step % cfg.save_every == 0:
                 save()
-            if stop.signal is not None:
+            if stop.signal is not None if drun is None else drun.any(stop.signal is not None):
                 stopped_by = "signal"
                 break
         if stopped_by == "max_steps" and budget_set_horizon:
@@ -288,6 +350,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         path = save()
     progress.close()
     metrics.close()
+    if drun is not None:
+        model = drun.finish(path)  # rank 0: model.safetensors for generation / export, and the sample's model
+        if not main:
+            return TrainResult(run_dir, step, tokens, elapsed(), last_loss, val_loss, val_bpb, stopped_by,
+                               stop.signal)
     print(f"stopped by {stopped_by} at step {step} ({tokens:,} tokens, {format_duration(elapsed())}); "
           f"val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}; checkpoint {path}", flush=True)
     if stopped_by != "signal":
@@ -307,6 +374,18 @@ def sample_text(model: MegalodonLM, tokenizer, prompt: str, max_new_tokens: int,
     new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
                    eos_token_id=tokenizer.eos_id, seed=seed)[0].tolist()
     return prompt + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+
+
+def _grad_norm(norm: torch.Tensor) -> float:
+    # FSDP2 returns the total norm as a DTensor
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _check_finite(loss: float, step: int, run_dir: Path) -> None:
+    if not math.isfinite(loss):
+        last = latest_checkpoint(run_dir)
+        raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; stopping. The last good checkpoint is "
+                            f"kept: {last if last else 'none saved yet'}")
 
 
 def _optimizer_step(step_fn, data, cfg: TrainConfig, step: int, device: torch.device, autocast, run_dir: Path) -> float:
