@@ -199,6 +199,8 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
                             min_lr_ratio=cfg.min_lr_ratio)
     show = main and (cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty()))
     if drun is not None:
+        if cfg.document_masking:
+            raise ValueError("--document-masking is not supported under torchrun yet (single process only)")
         drun.check_model(mcfg)
     with contextlib.nullcontext() if drun is None else drun.main_first():  # rank 0 fills the shared cache
         train_data, val_data = build_corpora(sources, tokenizer,
