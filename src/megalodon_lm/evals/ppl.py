@@ -109,7 +109,7 @@ def stream_nll(model: MegalodonLM, inputs: torch.Tensor, targets: torch.Tensor, 
     """
     if refresh:
         piece_tokens = REFRESH_PIECE_CHUNKS * model.config.chunk_size
-    ids = inputs.to(model.embed.weight.device).unsqueeze(0)
+    ids = inputs.to(next(model.parameters()).device).unsqueeze(0)  # also a LlamaLM (state = its KV cache)
     total = ids.shape[1]
     state: StreamState | None = None
     nlls = []

@@ -25,6 +25,7 @@ from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..generation.decoding import generate
 from ..models import MegalodonConfig, MegalodonLM
+from ..models.llama_baseline import LlamaLM, build_model, sample_llama_text, save_arch
 from ..runtime import tune_cpu_allocator
 from .checkpoint import init_run_dir, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
@@ -178,7 +179,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
 
     torch.manual_seed(cfg.seed)
-    model = MegalodonLM(mcfg).to(device)
+    model = build_model(cfg.arch, mcfg, cfg.seq_len, run_dir if cfg.resume else cfg.init_from).to(device)
+    save_arch(run_dir, model)  # --arch llama: the HF config (the arch is also in train_config.json)
     if cfg.init_from:
         # Weights only: this run keeps its own seed and a fresh optimizer.
         load_model_weights(latest_checkpoint(cfg.init_from), model)
@@ -218,7 +220,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     progress = Progress(cfg.progress, total=schedule.max_steps, initial=step)
-    progress.write(f"run {run_dir}: preset {cfg.preset!r}, {n_params:,} parameters, vocab {mcfg.vocab_size}, "
+    progress.write(f"run {run_dir}: {cfg.arch}, preset {cfg.preset!r}, {n_params:,} parameters, "
+                   f"vocab {mcfg.vocab_size}, "
                    f"{len(train_data.tokens):,} train / {len(val_data.tokens):,} val tokens, "
                    f"{tokens_per_step:,} tokens per step on {device}")
 
@@ -300,6 +303,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
 def sample_text(model: MegalodonLM, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
     """The end-of-training sample: prompt + up to max_new_tokens sampled tokens (temperature 0.8, top-k 40)."""
+    if isinstance(model, LlamaLM):
+        return sample_llama_text(model, tokenizer, prompt, max_new_tokens, seed)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
                    eos_token_id=tokenizer.eos_id, seed=seed)[0].tolist()
