@@ -61,3 +61,13 @@ def test_arch_mismatch_on_init_from_is_a_value_error(text_file, cache_dir, tmp_p
                  max_steps=2, warmup_steps=1)
     with pytest.raises(ValueError, match="--arch"):
         run_tiny(text_file, tmp_path / "bad", cache_dir, arch="gpt")
+
+
+def test_refresh_is_megalodon_only():
+    from megalodon_lm.data.tokenizer import ByteTokenizer
+    from megalodon_lm.models import MegalodonConfig
+    from megalodon_lm.models.llama_baseline import llama_config_for
+
+    model = LlamaLM(llama_config_for(MegalodonConfig.from_preset("nano"), 64))
+    with pytest.raises(ValueError, match="Megalodon models only"):
+        bpb_vs_context(model, ByteTokenizer(), [b"some text here"], [None], score_tokens=4, refresh=True)
