@@ -134,8 +134,9 @@ def plots(res: dict[str, Any], out_dir: str | Path) -> list[str]:
     whole = [r["bpb"] for r in ctx["megalodon"]["results"] if r["context"] is None]
     if whole:
         ax.axhline(whole[0], linestyle="--", color="tab:blue", label="Megalodon, whole prefix streamed")
-    ax.axhline(ctx["llama_sliding"], linestyle=":", color="tab:orange",
-               label=f"Llama, sliding window {ctx['train_len']}")
+    right = max(r["context"] for r in ctx["llama"]["results"])
+    ax.hlines(ctx["llama_sliding"], ctx["train_len"], right, linestyles=":", colors="tab:orange",
+              label=f"Llama, sliding window {ctx['train_len']} (C >= {ctx['train_len']})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context C (tokens)")
     ax.set_ylabel("bits per byte")
