@@ -254,21 +254,20 @@ def run(setting: str, out: Path, books_dir: Path, cache: Path | None) -> dict[st
         lrs[arch] = min(cfg["lr_grid"], key=lambda lr, s=scores: (s[str(lr)], lr))
 
     # 2. main training
-    res["train"], res["curves"] = {}, {}
+    res["train"], res["curves"], models = {}, {}, {}
     for arch in ARCHS:
         run_dir = out / "runs" / arch
         r = run_worker(train_options(cfg, arch, lrs[arch], cfg["steps"], run_dir, train_books, curve_val, cache),
                        out / "logs" / f"train-{arch}.log")
         curve = read_curve(run_dir / "metrics.jsonl")
         train_time = curve[-1]["train_time"]
-        model, tok = load_run(run_dir, device)
+        model = models[arch] = load_run(run_dir, device)[0]
         res["curves"][arch] = curve
         res["train"][arch] = {**r, "lr": lrs[arch], "train_time": train_time, "tokens_per_s": r["tokens"] / train_time,
                               "params": sum(p.numel() for p in model.parameters()), "run_dir": str(run_dir)}
         log(f"train {arch}: {r['tokens']:,} tokens, val_bpb {r['val_bpb']:.4f}, {r['tokens'] / train_time:,.0f} tok/s, "
             f"peak {r['peak_memory_bytes'] / 2**20:,.0f} MiB")
     res["equal_time"] = equal_time(res["curves"])
-    models = {arch: load_run(out / "runs" / arch, device)[0] for arch in ARCHS}
     tok = ByteTokenizer()
 
     # 3. BPB on the first final_bytes of each validation book, training-length windows

@@ -59,6 +59,7 @@ def test_arch_mismatch_on_init_from_is_a_value_error(text_file, cache_dir, tmp_p
     with pytest.raises(ValueError, match="differs from the architecture"):
         run_tiny(text_file, tmp_path / "ft", cache_dir, arch="llama", init_from=str(tmp_path / "mega"),
                  max_steps=2, warmup_steps=1)
+    assert not (tmp_path / "ft").exists()  # checked before anything is written
     with pytest.raises(ValueError, match="--arch"):
         run_tiny(text_file, tmp_path / "bad", cache_dir, arch="gpt")
 

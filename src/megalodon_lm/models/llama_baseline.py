@@ -138,17 +138,25 @@ def run_arch(run_dir: str | Path) -> str:
     return "llama" if (Path(run_dir) / LLAMA_CONFIG_FILE).is_file() else "megalodon"
 
 
-def build_model(arch: str, mcfg: MegalodonConfig, seq_len: int, source_dir: str | Path | None = None) -> nn.Module:
-    """A fresh MegalodonLM or matched LlamaLM (call after seeding). With `source_dir` (resume / init-from) the
-    Llama config saved there is used, and the source's architecture must equal `arch`."""
+def arch_config(arch: str, mcfg: MegalodonConfig, seq_len: int, source_dir: str | Path | None = None) -> Any:
+    """The LlamaConfig of an `arch` run (None for Megalodon); ValueError for a bad arch or source.
+
+    With `source_dir` (resume / init-from) the Llama config saved there is used, and the source's architecture
+    must equal `arch`. Cheap: the trainer calls it before writing anything.
+    """
     if arch not in ARCHS:
         raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     if source_dir is not None and run_arch(source_dir) != arch:
         raise ValueError(f"--arch {arch} differs from the architecture of {source_dir} ({run_arch(source_dir)})")
     if arch == "megalodon":
-        return MegalodonLM(mcfg)
-    lcfg = _saved_llama_config(Path(source_dir)) if source_dir is not None else llama_config_for(mcfg, seq_len)
-    return LlamaLM(lcfg)
+        return None
+    return _saved_llama_config(Path(source_dir)) if source_dir is not None else llama_config_for(mcfg, seq_len)
+
+
+def build_model(arch: str, mcfg: MegalodonConfig, seq_len: int, source_dir: str | Path | None = None) -> nn.Module:
+    """A fresh MegalodonLM or matched LlamaLM (call after seeding); arguments as `arch_config`."""
+    lcfg = arch_config(arch, mcfg, seq_len, source_dir)
+    return MegalodonLM(mcfg) if lcfg is None else LlamaLM(lcfg)
 
 
 def save_arch(run_dir: str | Path, model: nn.Module) -> None:

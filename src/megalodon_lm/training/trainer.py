@@ -25,7 +25,7 @@ from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..generation.decoding import generate
 from ..models import MegalodonConfig, MegalodonLM
-from ..models.llama_baseline import LlamaLM, build_model, sample_llama_text, save_arch
+from ..models.llama_baseline import LlamaLM, arch_config, build_model, sample_llama_text, save_arch
 from ..runtime import tune_cpu_allocator
 from .checkpoint import init_run_dir, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
@@ -163,6 +163,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         mcfg = _init_from_config(Path(cfg.init_from), tokenizer.vocab_size)
     else:
         mcfg = _model_config(cfg, tokenizer.vocab_size)
+    arch_source = run_dir if cfg.resume else cfg.init_from
+    arch_config(cfg.arch, mcfg, cfg.seq_len, arch_source)  # --arch llama: a matching LlamaConfig exists
     sources = resolve_sources(cfg.data) if cfg.data else None
     val_sources = resolve_sources(cfg.val_data) if cfg.val_data else None
     schedule = WarmupCosine(base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
@@ -179,7 +181,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, mcfg, cfg.seq_len, run_dir if cfg.resume else cfg.init_from).to(device)
+    model = build_model(cfg.arch, mcfg, cfg.seq_len, arch_source).to(device)
     save_arch(run_dir, model)  # --arch llama: the HF config (the arch is also in train_config.json)
     if cfg.init_from:
         # Weights only: this run keeps its own seed and a fresh optimizer.
