@@ -57,10 +57,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         # mini (4 layers, width 256, chunk 128; training length = 4 chunks) with CEMA dimension 8 as the JAX port
         device="cpu", threads=2, dtype="fp32", preset="mini", model=dict(cema_ndim=8), train_books=20, seq_len=512,
-        batch_size=8, steps=360, warmup=36, eval_every=60, lr_grid=[2e-3, 4e-3], lr_check_steps=40,
+        batch_size=8, steps=300, warmup=30, eval_every=50, lr_grid=[2e-3, 4e-3], lr_check_steps=30,
         curve_bytes=8192, final_bytes=65536, ctx_doc_bytes=65536, ctx_score_tokens=2048,
         contexts=[128, 256, 512, 1024, 2048, 4096, 8192],
-        passkey=dict(length=512, test_lengths=[512, 1024, 2048], steps=60, batch=8, trials=32, lr_scale=0.5),
+        passkey=dict(length=512, test_lengths=[512, 1024, 2048], steps=40, batch=8, trials=32, lr_scale=0.5),
         mqar=dict(model=dict(num_layers=2, model_dim=128, z_dim=64, value_dim=256, num_heads=2, ffn_hidden_dim=256,
                              chunk_size=128, norm_num_groups=16),
                   seq_len=256, num_pairs=16, query_start=128, steps=150, batch=32, lr=3e-3, n_eval=256)),
