@@ -50,6 +50,7 @@ from _common import (
 
 from megalodon_lm import MegalodonConfig, MegalodonLM
 from megalodon_lm.generation.static_decode import StaticDecoder
+from megalodon_lm.models.llama_baseline import LlamaLM, llama_config_for
 from megalodon_lm.runtime import tune_cpu_allocator
 
 TRAIN_COST_LIMIT = 1.3  # acceptance: train cost per token at the longest length / at 1K
@@ -82,29 +83,13 @@ def have_transformers() -> bool:
 
 def llama_config(mcfg: MegalodonConfig, target_params: int, max_positions: int) -> Any:
     """LlamaConfig with Megalodon's width, depth and vocab; intermediate_size fitted to the param count."""
-    from transformers import LlamaConfig
-
-    h, n_layers, V = mcfg.model_dim, mcfg.num_layers, mcfg.vocab_size
-    heads = max(1, h // 64)
-    tied = mcfg.share_emb
-    # params = layers * (4 h^2 + 3 h I + 2 h) + V h (embed) + (0 if tied else V h) + h (final norm)
-    fixed = n_layers * (4 * h * h + 2 * h) + V * h * (1 if tied else 2) + h
-    inter = max(8, round((target_params - fixed) / (3 * h * n_layers) / 8) * 8)
-    return LlamaConfig(vocab_size=V, hidden_size=h, intermediate_size=inter, num_hidden_layers=n_layers,
-                       num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=max_positions, tie_word_embeddings=tied, attention_dropout=0.0,
-                       attn_implementation="sdpa")
+    return llama_config_for(mcfg, max_positions, target_params)
 
 
 def build_llama(lcfg: Any, device: torch.device, seed: int) -> Any:
-    from transformers import LlamaForCausalLM
-
+    """The bare HF LlamaForCausalLM (sdpa) of the package's baseline wrapper."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(lcfg).to(device)
-    impl = model.config._attn_implementation
-    if impl != "sdpa":
-        raise RuntimeError(f"Llama built with attn_implementation={impl!r}, expected 'sdpa'")
-    return model
+    return LlamaLM(lcfg).hf.to(device)
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -19,6 +19,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 TRAIN_HELP = {
+    "arch": "megalodon, or llama: HF LlamaForCausalLM (sdpa) matched to the preset's parameter count (+-5%%; "
+            "needs the hf extra)",
     "preset": "model preset ({})".format(", ".join(sorted(PRESETS))),
     "config": "a TOML run config (same keys as these options, plus a [model] table); flags win",
     "data": "training text: file, directory (recursive), glob, .jsonl (text or prompt/response), .gz/.xz; "

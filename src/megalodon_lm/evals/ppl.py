@@ -109,7 +109,7 @@ def stream_nll(model: MegalodonLM, inputs: torch.Tensor, targets: torch.Tensor, 
     """
     if refresh:
         piece_tokens = REFRESH_PIECE_CHUNKS * model.config.chunk_size
-    ids = inputs.to(model.embed.weight.device).unsqueeze(0)
+    ids = inputs.to(next(model.parameters()).device).unsqueeze(0)  # also a LlamaLM (state = its KV cache)
     total = ids.shape[1]
     state: StreamState | None = None
     nlls = []
@@ -187,6 +187,8 @@ def bpb_vs_context(model: MegalodonLM, tokenizer: Any, documents: list[bytes | s
         raise ValueError("score_tokens and piece_tokens must be >= 1")
     if not contexts or any(c is not None and c < 1 for c in contexts):
         raise ValueError(f"contexts must be a non-empty list of positive ints or None, got {contexts}")
+    if refresh and not isinstance(model, MegalodonLM):
+        raise ValueError("refresh (TimestepNorm statistics) applies to Megalodon models only")
     docs = _encode_all(tokenizer, documents)
     if not docs:
         raise ValueError("no document has two or more tokens: nothing to score")

@@ -356,7 +356,9 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: tor
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
              step: int | None = None) -> tuple[MegalodonLM, Any]:
-    """(model in eval mode on `device`, tokenizer) from a run directory's latest or given-step checkpoint."""
+    """(model in eval mode on `device`, tokenizer) from a run directory's latest or given-step checkpoint.
+
+    The model is a MegalodonLM, or a LlamaLM for a run of `--arch llama`."""
     path = Path(run_dir)
     config_path = path / MODEL_CONFIG_FILE
     if not config_path.is_file():
@@ -373,8 +375,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
             raise FileNotFoundError(f"no complete checkpoint for step {step} in {path} (available steps: {steps})")
 
     from ..data.tokenizer import load_tokenizer  # lazy: the data module is optional for checkpointing
+    from ..models.llama_baseline import model_from_run_dir  # a run of `--arch llama` loads its LlamaLM
 
-    model = MegalodonLM(MegalodonConfig.from_json(config_path))
+    model = model_from_run_dir(path, MegalodonConfig.from_json(config_path))
     load_model_weights(ckpt, model)
     model.eval().to(device)
     return model, load_tokenizer(path / TOKENIZER_DIR)

@@ -26,6 +26,7 @@ class TrainConfig:
     """Training options. Sizes in tokens; `batch_size` is per process (global batch = batch x ranks x accum)."""
 
     # model and data
+    arch: str = "megalodon"  # megalodon | llama (HF LlamaForCausalLM matched to the preset's parameter count)
     preset: str = "mini"  # model preset (MegalodonConfig.from_preset); `[model]` in the TOML overrides fields
     data: list[str] = field(default_factory=list)  # files, directories, globs; empty = the stdlib .py corpus
     val_data: list[str] = field(default_factory=list)  # validation sources; empty = split off the training data
@@ -90,6 +91,10 @@ class TrainConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.arch not in ("megalodon", "llama"):
+            raise ValueError(f"--arch must be megalodon or llama, got {self.arch!r}")
+        if self.arch == "llama" and (self.document_masking or self.chunk_parallel != 1):
+            raise ValueError("--arch llama supports neither --document-masking nor --chunk-parallel (Megalodon only)")
         if self.progress not in ("auto", "bar", "plain", "none"):
             raise ValueError(f"--progress must be auto, bar, plain or none, got {self.progress!r}")
         if self.resume and self.init_from:

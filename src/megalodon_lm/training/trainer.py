@@ -26,6 +26,7 @@ from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..generation.decoding import generate
 from ..models import MegalodonConfig, MegalodonLM
+from ..models.llama_baseline import LlamaLM, arch_config, build_model, sample_llama_text, save_arch
 from ..runtime import tune_cpu_allocator
 from .checkpoint import (
     init_run_dir,
@@ -193,14 +194,16 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         mcfg = _init_from_config(Path(cfg.init_from), tokenizer.vocab_size)
     else:
         mcfg = _model_config(cfg, tokenizer.vocab_size)
+    arch_source = run_dir if cfg.resume else cfg.init_from
+    arch_config(cfg.arch, mcfg, cfg.seq_len, arch_source)  # --arch llama: a matching LlamaConfig exists
     sources = resolve_sources(cfg.data) if cfg.data else None
     val_sources = resolve_sources(cfg.val_data) if cfg.val_data else None
     schedule = WarmupCosine(base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                             min_lr_ratio=cfg.min_lr_ratio)
     show = main and (cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty()))
     if drun is not None:
-        if cfg.document_masking:
-            raise ValueError("--document-masking is not supported under torchrun yet (single process only)")
+        if cfg.document_masking or cfg.arch != "megalodon":
+            raise ValueError("under torchrun only --arch megalodon without --document-masking is supported yet")
         drun.check_model(mcfg)
     with contextlib.nullcontext() if drun is None else drun.main_first():  # rank 0 fills the shared cache
         train_data, val_data = build_corpora(sources, tokenizer,
@@ -217,7 +220,9 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
 
     torch.manual_seed(cfg.seed)
-    model = MegalodonLM(mcfg).to(device)
+    model = build_model(cfg.arch, mcfg, cfg.seq_len, arch_source).to(device)
+    if main:
+        save_arch(run_dir, model)  # --arch llama: the HF config (the arch is also in train_config.json)
     if cfg.init_from:
         # Weights only: this run keeps its own seed and a fresh optimizer.
         load_model_weights(latest_checkpoint(cfg.init_from), model)
@@ -277,7 +282,8 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         where = (f"{drun.ctx.world_size} processes ({drun.kind}, {drun.ctx.dp_size} data x {drun.ctx.cp_size} "
                  f"chunk ranks) on {device.type}")
     progress = Progress(cfg.progress if main else "none", total=schedule.max_steps, initial=step)
-    progress.write(f"run {run_dir}: preset {cfg.preset!r}, {n_params:,} parameters, vocab {mcfg.vocab_size}, "
+    progress.write(f"run {run_dir}: {cfg.arch}, preset {cfg.preset!r}, {n_params:,} parameters, "
+                   f"vocab {mcfg.vocab_size}, "
                    f"{len(train_data.tokens):,} train / {len(val_data.tokens):,} val tokens, "
                    f"{tokens_per_step:,} tokens per step on {where}")
 
@@ -372,6 +378,8 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
 
 def sample_text(model: MegalodonLM, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
     """The end-of-training sample: prompt + up to max_new_tokens sampled tokens (temperature 0.8, top-k 40)."""
+    if isinstance(model, LlamaLM):
+        return sample_llama_text(model, tokenizer, prompt, max_new_tokens, seed)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
                    eos_token_id=tokenizer.eos_id, seed=seed)[0].tolist()

@@ -1,0 +1,148 @@
+"""Tables, curves and plots of benchmarks/head_to_head.py (pure functions of its results dict)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ARCH_LABEL = {"megalodon": "Megalodon", "llama": "Llama (HF, sdpa)"}
+
+
+def read_curve(metrics_path: str | Path) -> list[dict[str, float]]:
+    """Validation points of a run: step, tokens, elapsed, train_time (elapsed minus earlier evaluations), val_bpb.
+
+    The trainer logs a training line at every evaluation step (log_every divides eval_every) right before the
+    evaluation, so each evaluation's duration is its line's elapsed minus that training line's.
+    """
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train_at = {r["step"]: r["elapsed"] for r in records if "loss" in r}
+    points, eval_time = [], 0.0
+    for r in records:
+        if "val_bpb" not in r:
+            continue
+        before = train_at.get(r["step"], r["elapsed"])
+        points.append({"step": r["step"], "tokens": r["tokens"], "elapsed": r["elapsed"],
+                       "train_time": before - eval_time, "val_bpb": r["val_bpb"]})
+        eval_time += r["elapsed"] - before
+    return points
+
+
+def interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
+    """Linear interpolation of y at x inside [xs[0], xs[-1]] (xs increasing); None outside."""
+    if not xs or x < xs[0] or x > xs[-1]:
+        return None
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            span = xs[i] - xs[i - 1]
+            w = 0.0 if span == 0 else (x - xs[i - 1]) / span
+            return ys[i - 1] + w * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
+def equal_time(curves: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """BPB of every model at the shortest final training time among them (interpolated along its curve)."""
+    horizon = min(c[-1]["train_time"] for c in curves.values())
+    return {"train_time": horizon,
+            "val_bpb": {a: interpolate([p["train_time"] for p in c], [p["val_bpb"] for p in c], horizon)
+                        for a, c in curves.items()}}
+
+
+def _fmt(x: Any, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The results as markdown tables (main table first)."""
+    archs = list(res["train"])
+    lines = [f"Setting `{res['setting']}`; {res['system'].get('cpu_model') or res['system']['device']}, "
+             f"{res['system']['torch_num_threads']} threads, torch {res['system']['torch']}, "
+             f"transformers {res['system'].get('transformers')}, {res['system']['date']}.", ""]
+    lines += ["| model | params | lr (check) | tokens | train time | tokens/s | peak memory | val BPB (curve slices) "
+              "| BPB first slice of each val book, context T | BPB at equal time |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    eq = res["equal_time"]
+    for a in archs:
+        t = res["train"][a]
+        lines.append(f"| {ARCH_LABEL[a]} | {t['params']:,} | {t['lr']:g} | {t['tokens']:,} | {t['train_time']:.0f} s | "
+                     f"{t['tokens_per_s']:,.0f} | {t['peak_memory_bytes'] / 2**20:,.0f} MiB | {_fmt(t['val_bpb'])} | "
+                     f"{_fmt(res['final_bpb'][a]['bpb'])} | {_fmt(eq['val_bpb'][a])} |")
+    lines += ["", f"Equal time = {eq['train_time']:.0f} s of training (the shorter run), evaluations excluded.", ""]
+    lines += ["Learning-rate check (val BPB after the short run):", "",
+              "| model | " + " | ".join(f"lr {lr:g}" for lr in res["lr_check"]["grid"]) + " |",
+              "|---|" + "---|" * len(res["lr_check"]["grid"])]
+    for a in archs:
+        lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(_fmt(res["lr_check"]["bpb"][a].get(str(lr)))
+                                                      for lr in res["lr_check"]["grid"]) + " |")
+    ctx = res["bpb_vs_context"]
+    labels = [r["label"] for r in ctx["megalodon"]["results"]]
+    lines += ["", f"BPB vs context (same {ctx['megalodon']['n_bytes']:,} scored bytes at every length, the last "
+              f"{ctx['score_tokens']} tokens of the first {ctx['doc_bytes'] // 1024} KiB of each validation book):",
+              "", "| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    rows = {"Megalodon (state reset every C; whole = streamed prefix)": ctx["megalodon"]["results"],
+            "Llama, full attention over C": ctx["llama"]["results"]}
+    for name, results in rows.items():
+        by_label = {r["label"]: r["bpb"] for r in results}
+        lines.append(f"| {name} | " + " | ".join(_fmt(by_label.get(lb)) for lb in labels) + " |")
+    lines.append(f"| Llama, sliding window {ctx['train_len']} | " + " | ".join(
+        _fmt(ctx["llama_sliding"]) if lb == "whole" or int(lb) >= ctx["train_len"] else "-" for lb in labels) + " |")
+    pk = res["passkey"]
+    lines += ["", f"Passkey (fine-tuned {pk['steps']} steps at length {pk['train_length']}, key in an earlier "
+              f"{pk['chunk']}-token chunk than the question; {pk['trials']} trials per length; accuracy / bits "
+              "per digit, chance 0 / 3.32):", "",
+              "| model | " + " | ".join(str(r["length"]) for r in pk["megalodon"]) + " |",
+              "|---|" + "---|" * len(pk["megalodon"])]
+    for a in archs:
+        lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(f"{r['accuracy']:.2f} / {r['bits_per_digit']:.2f}"
+                                                         for r in pk[a]) + " |")
+    mq = res["mqar"]
+    lines += ["", f"MQAR (trained from scratch, {mq['steps']} steps; N = {mq['seq_len']}, {mq['num_pairs']} pairs, "
+              f"queries from position {mq['query_start']} = beyond the {mq['chunk']}-token chunk):", "",
+              "| model | params | accuracy |", "|---|---|---|"]
+    for a in archs:
+        lines.append(f"| {ARCH_LABEL[a]} | {mq[a]['params']:,} | {mq[a]['accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: dict[str, Any], out_dir: str | Path) -> list[str]:
+    """bpb_vs_tokens.png, bpb_vs_time.png, bpb_vs_context.png; [] when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out = Path(out_dir)
+    written = []
+    for key, xlabel, name in (("tokens", "training tokens", "bpb_vs_tokens.png"),
+                              ("train_time", "training time (s, evaluations excluded)", "bpb_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for a, curve in res["curves"].items():
+            ax.plot([p[key] for p in curve], [p["val_bpb"] for p in curve], marker="o", label=ARCH_LABEL[a])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation bits per byte")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        written.append(name)
+    ctx = res["bpb_vs_context"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for a, style in (("megalodon", "o-"), ("llama", "s-")):
+        pts = [(r["context"], r["bpb"]) for r in ctx[a]["results"] if r["context"] is not None]
+        ax.plot([c for c, _ in pts], [b for _, b in pts], style, label=f"{ARCH_LABEL[a]}, context C")
+    whole = [r["bpb"] for r in ctx["megalodon"]["results"] if r["context"] is None]
+    if whole:
+        ax.axhline(whole[0], linestyle="--", color="tab:blue", label="Megalodon, whole prefix streamed")
+    right = max(r["context"] for r in ctx["llama"]["results"])
+    ax.hlines(ctx["llama_sliding"], ctx["train_len"], right, linestyles=":", colors="tab:orange",
+              label=f"Llama, sliding window {ctx['train_len']} (C >= {ctx['train_len']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context C (tokens)")
+    ax.set_ylabel("bits per byte")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bpb_vs_context.png")
+    plt.close(fig)
+    written.append("bpb_vs_context.png")
+    return written

@@ -1,0 +1,346 @@
+"""Head-to-head: Megalodon against a parameter-matched Llama (HF, sdpa), same data, tokens, batch and schedule.
+
+    python benchmarks/head_to_head.py --setting cpu --out runs/h2h-cpu     # ~25 min on 2 idle cores
+    python benchmarks/head_to_head.py --setting smoke --out /tmp/h2h       # a couple of minutes, checks the harness
+    python benchmarks/head_to_head.py --setting gpu --out runs/h2h-gpu     # one GPU (sized, see docs/results.md)
+
+Stages (a progress line each), every one fixed in steps/tokens and seeded, so token-indexed numbers reproduce:
+ 1. learning-rate check: a short run (full warm-up + cosine) per model and candidate lr; the lower val BPB wins.
+ 2. main training of both with `megalodon-lm train` (`--arch megalodon|llama`) in a subprocess each (peak
+    memory of that process), val BPB on fixed slices of the validation books every eval_every steps.
+ 3. val BPB on the first `final_bytes` of each validation book at the training length (non-overlapping windows).
+ 4. BPB vs context (docs/evaluation.md §3): the same scored bytes at every context; Megalodon also streamed over
+    the whole prefix; Llama with full attention over C and with a sliding window at its training length.
+ 5. passkey (§4.1, trained variant): fine-tune copies of both models, key in an earlier chunk than the question.
+ 6. MQAR (§4.2): small models of both archs trained from scratch, queries beyond the attention chunk.
+Writes OUT/results.json, OUT/results.md and PNG plots. Data: ../shared/data/books relative to the repo root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import lzma
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _common import system_info
+from _h2h_report import equal_time, markdown, plots, read_curve
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared/data relative to the repo root (also one level further up, for a git worktree under work/wt/)
+DEFAULT_BOOKS = next((d / "shared" / "data" / "books" for d in (REPO.parent, REPO.parent.parent)
+                      if (d / "shared" / "data" / "books").is_dir()), REPO.parent / "shared" / "data" / "books")
+ARCHS = ("megalodon", "llama")
+
+SMOKE_MODEL = dict(num_layers=2, model_dim=64, z_dim=32, value_dim=128, num_heads=1, ffn_hidden_dim=128,
+                   chunk_size=32, norm_num_groups=8)
+SETTINGS: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        device="cpu", threads=2, dtype="fp32", preset="nano", model=SMOKE_MODEL, train_books=2, seq_len=64,
+        batch_size=4, steps=12, warmup=2, eval_every=6, lr_grid=[2e-3, 4e-3], lr_check_steps=4,
+        curve_bytes=2048, final_bytes=4096, ctx_doc_bytes=4096, ctx_score_tokens=128, contexts=[32, 64, 128],
+        passkey=dict(length=128, test_lengths=[128, 256], steps=4, batch=4, trials=8, lr_scale=0.5),
+        mqar=dict(model=SMOKE_MODEL, seq_len=64, num_pairs=4, query_start=32, steps=5, batch=8, lr=3e-3,
+                  n_eval=32)),
+    "cpu": dict(
+        # mini (4 layers, width 256, chunk 128; training length = 4 chunks) with CEMA dimension 8 as the JAX port
+        device="cpu", threads=2, dtype="fp32", preset="mini", model=dict(cema_ndim=8), train_books=20, seq_len=512,
+        batch_size=8, steps=300, warmup=30, eval_every=50, lr_grid=[2e-3, 4e-3], lr_check_steps=30,
+        curve_bytes=8192, final_bytes=65536, ctx_doc_bytes=65536, ctx_score_tokens=2048,
+        contexts=[128, 256, 512, 1024, 2048, 4096, 8192],
+        passkey=dict(length=512, test_lengths=[512, 1024, 2048], steps=40, batch=8, trials=32, lr_scale=0.5),
+        mqar=dict(model=dict(num_layers=2, model_dim=128, z_dim=64, value_dim=256, num_heads=2, ffn_hidden_dim=256,
+                             chunk_size=128, norm_num_groups=16),
+                  seq_len=256, num_pairs=16, query_start=128, steps=150, batch=32, lr=3e-3, n_eval=256)),
+    "gpu": dict(
+        device="cuda", threads=None, dtype="bf16", preset="200M", model={}, train_books=20, seq_len=8192,
+        batch_size=4, steps=3000, warmup=300, eval_every=250, lr_grid=[6e-4, 1.2e-3, 2.4e-3], lr_check_steps=300,
+        curve_bytes=65536, final_bytes=1 << 20, ctx_doc_bytes=1 << 20, ctx_score_tokens=4096,
+        contexts=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072],
+        passkey=dict(length=8192, test_lengths=[8192, 16384, 32768, 65536], steps=300, batch=8, trials=64,
+                     lr_scale=0.5),
+        mqar=dict(model=dict(num_layers=2, model_dim=256, z_dim=128, value_dim=512, num_heads=2, ffn_hidden_dim=512,
+                             chunk_size=256, norm_num_groups=32),
+                  seq_len=1024, num_pairs=64, query_start=256, steps=2000, batch=64, lr=3e-3, n_eval=1024)),
+}
+
+
+# ---------------------------------------------------------------------------------------------- data
+def book_split(books_dir: Path) -> dict[str, list[Path]]:
+    """{"train": [...], "validation": [...]} from books.tsv (sorted by file name)."""
+    tsv = books_dir / "books.tsv"
+    if not tsv.is_file():
+        raise FileNotFoundError(f"{tsv} not found: pass --books (the shared mini-PG19 books directory)")
+    out: dict[str, list[Path]] = {"train": [], "validation": []}
+    with tsv.open(encoding="utf-8") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            out[row["split"]].append(books_dir / row["file"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def read_book(path: Path, n_bytes: int | None = None) -> bytes:
+    with lzma.open(path, "rb") as fh:
+        return fh.read() if n_bytes is None else fh.read(n_bytes)
+
+
+def write_slices(books: list[Path], n_bytes: int, directory: Path) -> list[Path]:
+    """The first n_bytes of each book as plain files (validation slices the trainer can read)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for book in books:
+        p = directory / book.name.replace(".txt.xz", ".txt")
+        p.write_bytes(read_book(book, n_bytes))
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_options(cfg: dict[str, Any], arch: str, lr: float, steps: int, out: Path, data: list[Path],
+                  val: list[Path], cache: Path) -> dict[str, Any]:
+    eval_every = min(cfg["eval_every"], steps)
+    return dict(arch=arch, preset=cfg["preset"], model=dict(cfg["model"]), data=[str(p) for p in data],
+                val_data=[str(p) for p in val], tokenizer="byte", seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
+                lr=lr, warmup_steps=min(cfg["warmup"], steps), max_steps=steps, max_time="none", eval_every=eval_every,
+                eval_tokens=10**9, save_every=steps, keep_last=1, log_every=math.gcd(eval_every, 10), sample_tokens=0,
+                out=str(out), cache_dir=str(cache), seed=0, device=cfg["device"], dtype=cfg["dtype"],
+                threads=cfg["threads"], progress="none", tensorboard=False)
+
+
+def run_worker(options: dict[str, Any], log: Path) -> dict[str, Any]:
+    """`megalodon_lm.train(**options)` in a fresh process; returns its result with the process's peak memory."""
+    spec = log.with_suffix(".json")
+    spec.write_text(json.dumps(options))
+    env = dict(os.environ)
+    if options.get("threads"):
+        env.update(OMP_NUM_THREADS=str(options["threads"]), MKL_NUM_THREADS=str(options["threads"]))
+    with log.open("w") as fh:
+        proc = subprocess.run([sys.executable, __file__, "--_worker", str(spec)], stdout=fh, stderr=subprocess.STDOUT,
+                              env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+    return json.loads(spec.with_suffix(".result.json").read_text())
+
+
+def _worker(spec_path: str) -> int:
+    import megalodon_lm
+
+    spec = Path(spec_path)
+    options = json.loads(spec.read_text())
+    if options["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = megalodon_lm.train(None, **options)
+    peak = (torch.cuda.max_memory_allocated() if options["device"] == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    spec.with_suffix(".result.json").write_text(json.dumps(
+        {"step": result.step, "tokens": result.tokens, "elapsed": result.elapsed, "val_bpb": result.val_bpb,
+         "peak_memory_bytes": int(peak), "peak_memory_kind": "cuda max_memory_allocated" if options["device"] == "cuda"
+         else "process peak RSS"}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def windowed_bpb(model: torch.nn.Module, docs: list[bytes], seq_len: int, device: torch.device,
+                 batch: int = 8) -> dict[str, Any]:
+    """BPB of every target of each document, in non-overlapping windows of seq_len (as the trainer's evaluation)."""
+    model.eval()
+    nll, n = 0.0, 0
+    windows = []
+    for d in docs:
+        ids = torch.tensor(list(d), dtype=torch.long)
+        windows += [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+    full = [w for w in windows if len(w) == seq_len + 1]
+    groups = [full[i:i + batch] for i in range(0, len(full), batch)] + [[w] for w in windows if len(w) != seq_len + 1]
+    for g in groups:
+        w = torch.stack(g).to(device)
+        logits = model(w[:, :-1]).logits
+        nll += float(F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum"))
+        n += w[:, 1:].numel()
+    return {"bpb": nll / math.log(2) / n, "n_bytes": n}  # byte tokenizer: one byte per target
+
+
+def passkey_stage(models: dict[str, Any], cfg: dict[str, Any], lrs: dict[str, float], train_pool: torch.Tensor,
+                  val_pool: torch.Tensor, tok: Any, device: torch.device, log) -> dict[str, Any]:
+    from megalodon_lm.evals.passkey import evaluate_passkey, passkey_batch
+    from megalodon_lm.evals.probe_training import train_probe
+
+    pk = cfg["passkey"]
+    chunk = models["megalodon"].config.chunk_size
+    out: dict[str, Any] = {"steps": pk["steps"], "train_length": pk["length"], "chunk": chunk, "trials": pk["trials"]}
+    for arch, model in models.items():
+        tuned = copy.deepcopy(model).to(device)
+        torch.manual_seed(0)
+        stats = train_probe(tuned, lambda s: passkey_batch(train_pool, tok, pk["batch"], pk["length"], 0, s, chunk),
+                            pk["steps"], lrs[arch] * pk["lr_scale"], warmup=max(1, pk["steps"] // 10), log=log)
+        out[arch] = [evaluate_passkey(tuned, val_pool, tok, length, pk["trials"], seed=1, chunk=chunk)
+                     for length in pk["test_lengths"]]
+        out[arch + "_train"] = stats
+        log(f"  passkey {arch}: " + ", ".join(f"{r['length']}: acc {r['accuracy']:.2f} bits/digit "
+                                              f"{r['bits_per_digit']:.2f}" for r in out[arch]))
+        del tuned
+    return out
+
+
+def mqar_stage(cfg: dict[str, Any], vocab: int, device: torch.device, log) -> dict[str, Any]:
+    from megalodon_lm.evals.mqar import evaluate_mqar, mqar_batch
+    from megalodon_lm.evals.probe_training import train_probe
+    from megalodon_lm.models import MegalodonConfig
+    from megalodon_lm.models.llama_baseline import build_model
+
+    mq = cfg["mqar"]
+    mcfg = MegalodonConfig.from_preset("nano", **{**mq["model"], "vocab_size": vocab})
+    out: dict[str, Any] = {k: mq[k] for k in ("seq_len", "num_pairs", "query_start", "steps")}
+    out["chunk"] = mcfg.chunk_size
+    for arch in ARCHS:
+        torch.manual_seed(0)
+        model = build_model(arch, mcfg, mq["seq_len"]).to(device)
+        stats = train_probe(model, lambda s: mqar_batch(mq["batch"], mq["seq_len"], mq["num_pairs"], vocab, 0, s,
+                                                        mq["query_start"]), mq["steps"], mq["lr"], log=log)
+        res = evaluate_mqar(model, mq["seq_len"], mq["num_pairs"], vocab, mq["n_eval"], seed=1,
+                            query_start=mq["query_start"])
+        out[arch] = {**res, "params": sum(p.numel() for p in model.parameters()), "train": stats}
+        log(f"  mqar {arch}: accuracy {res['accuracy']:.3f}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run(setting: str, out: Path, books_dir: Path, cache: Path | None) -> dict[str, Any]:
+    from megalodon_lm.data.dataset import build_corpora
+    from megalodon_lm.data.tokenizer import ByteTokenizer
+    from megalodon_lm.evals.ppl import bpb_vs_context
+    from megalodon_lm.training.checkpoint import load_run
+
+    cfg = SETTINGS[setting]
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    device = torch.device(cfg["device"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    split = book_split(books_dir)
+    train_books = split["train"][:cfg["train_books"]]
+    curve_val = write_slices(split["validation"], cfg["curve_bytes"], out / "data" / "val-curve")
+    cache = cache or out / "token-cache"
+    res: dict[str, Any] = {"setting": setting, "config": cfg, "system": system_info(device, torch.get_num_threads()),
+                           "train_books": [p.name for p in train_books],
+                           "val_books": [p.name for p in split["validation"]]}
+
+    # 1. learning-rate check
+    res["lr_check"] = {"grid": cfg["lr_grid"], "steps": cfg["lr_check_steps"], "bpb": {}}
+    lrs = {}
+    for arch in ARCHS:
+        scores = {}
+        for lr in cfg["lr_grid"]:
+            run_dir = out / "runs" / f"lr-check-{arch}-{lr:g}"
+            r = run_worker(train_options(cfg, arch, lr, cfg["lr_check_steps"], run_dir, train_books, curve_val, cache),
+                           out / "logs" / f"lr-check-{arch}-{lr:g}.log")
+            scores[str(lr)] = r["val_bpb"]
+            log(f"lr check {arch} lr {lr:g}: val_bpb {r['val_bpb']:.4f} ({r['elapsed']:.0f} s)")
+        res["lr_check"]["bpb"][arch] = scores
+        lrs[arch] = min(cfg["lr_grid"], key=lambda lr, s=scores: (s[str(lr)], lr))
+
+    # 2. main training
+    res["train"], res["curves"], models = {}, {}, {}
+    for arch in ARCHS:
+        run_dir = out / "runs" / arch
+        r = run_worker(train_options(cfg, arch, lrs[arch], cfg["steps"], run_dir, train_books, curve_val, cache),
+                       out / "logs" / f"train-{arch}.log")
+        curve = read_curve(run_dir / "metrics.jsonl")
+        train_time = curve[-1]["train_time"]
+        model = models[arch] = load_run(run_dir, device)[0]
+        res["curves"][arch] = curve
+        res["train"][arch] = {**r, "lr": lrs[arch], "train_time": train_time, "tokens_per_s": r["tokens"] / train_time,
+                              "params": sum(p.numel() for p in model.parameters()), "run_dir": str(run_dir)}
+        log(f"train {arch}: {r['tokens']:,} tokens, val_bpb {r['val_bpb']:.4f}, {r['tokens'] / train_time:,.0f} tok/s, "
+            f"peak {r['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    res["equal_time"] = equal_time(res["curves"])
+    tok = ByteTokenizer()
+
+    # 3. BPB on the first final_bytes of each validation book, training-length windows
+    final_docs = [read_book(p, cfg["final_bytes"]) for p in split["validation"]]
+    res["final_bpb"] = {a: windowed_bpb(m, final_docs, cfg["seq_len"], device) for a, m in models.items()}
+    log("final BPB: " + ", ".join(f"{a} {r['bpb']:.4f}" for a, r in res["final_bpb"].items()))
+
+    # 4. BPB vs context
+    ctx_docs = [read_book(p, cfg["ctx_doc_bytes"]) for p in split["validation"]]
+    ctx: dict[str, Any] = {"doc_bytes": cfg["ctx_doc_bytes"], "score_tokens": cfg["ctx_score_tokens"],
+                           "train_len": cfg["seq_len"]}
+    ctx["megalodon"] = bpb_vs_context(models["megalodon"], tok, ctx_docs, [*cfg["contexts"], None],
+                                      cfg["ctx_score_tokens"])
+    ctx["llama"] = bpb_vs_context(models["llama"], tok, ctx_docs, list(cfg["contexts"]), cfg["ctx_score_tokens"])
+    # A sliding window of T predicts each token from at most T tokens: the windowed score at C = T.
+    ctx["llama_sliding"] = bpb_vs_context(models["llama"], tok, ctx_docs, [cfg["seq_len"]],
+                                          cfg["ctx_score_tokens"])["results"][0]["bpb"]
+    for a in ARCHS:
+        ctx[a]["n_bytes"] = ctx[a]["results"][0]["n_bytes"]
+        log(f"bpb vs context {a}: " + ", ".join(f"{r['label']} {r['bpb']:.3f}" for r in ctx[a]["results"]))
+    res["bpb_vs_context"] = ctx
+
+    # 5. passkey, 6. MQAR
+    corpus, _ = build_corpora(train_books, tok, cache, val_sources=curve_val, progress=False)
+    train_pool = torch.from_numpy(corpus.tokens[: 1 << 22].astype("int64"))
+    val_pool = torch.tensor(list(b"\n".join(final_docs)), dtype=torch.long)
+    res["passkey"] = passkey_stage(models, cfg, lrs, train_pool, val_pool, tok, device, log)
+    res["mqar"] = mqar_stage(cfg, tok.vocab_size, device, log)
+
+    res["total_seconds"] = time.perf_counter() - t_start
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(markdown(res))
+    written = plots(res, out)
+    log(f"done in {res['total_seconds'] / 60:.1f} min: {out / 'results.json'}, {out / 'results.md'}, "
+        + ", ".join(written))
+    print(markdown(res))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="output directory [runs/h2h-<setting>]")
+    p.add_argument("--books", type=Path, default=DEFAULT_BOOKS, help=f"mini-PG19 books directory [{DEFAULT_BOOKS}]")
+    p.add_argument("--cache-dir", type=Path, default=None, help="tokenized-data cache [OUT/token-cache]")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing OUT first")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._worker:
+        return _worker(args._worker)
+    out = args.out or Path("runs") / f"h2h-{args.setting}"
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            print(f"head_to_head: {out} is not empty (pass --overwrite to replace it)", file=sys.stderr)
+            return 2
+        shutil.rmtree(out)
+    if SETTINGS[args.setting]["device"] == "cuda" and not torch.cuda.is_available():
+        print("head_to_head: the gpu setting needs CUDA", file=sys.stderr)
+        return 2
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("head_to_head: the Llama baseline needs transformers (pip install 'megalodon-lm[hf]')", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    try:
+        run(args.setting, out, args.books, args.cache_dir)
+    except FileNotFoundError as err:
+        print(f"head_to_head: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

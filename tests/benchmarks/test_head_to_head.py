@@ -1,0 +1,89 @@
+"""benchmarks/head_to_head.py: curve bookkeeping (quick) and the smoke setting end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _h2h_report import equal_time, interpolate, read_curve  # noqa: E402
+from head_to_head import DEFAULT_BOOKS, SETTINGS, book_split  # noqa: E402
+
+
+def _metrics(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_read_curve_excludes_evaluation_time(tmp_path):
+    rows = [{"step": 5, "loss": 3.0, "tokens": 50, "elapsed": 10.0},
+            {"step": 5, "tokens": 50, "elapsed": 14.0, "val_bpb": 4.0},  # a 4 s evaluation
+            {"step": 10, "loss": 2.0, "tokens": 100, "elapsed": 24.0},
+            {"step": 10, "tokens": 100, "elapsed": 30.0, "val_bpb": 3.0}]
+    curve = read_curve(_metrics(tmp_path / "m.jsonl", rows))
+    assert [p["train_time"] for p in curve] == [10.0, 20.0]
+    assert [p["val_bpb"] for p in curve] == [4.0, 3.0] and [p["tokens"] for p in curve] == [50, 100]
+
+
+def test_interpolate_and_equal_time():
+    assert interpolate([1.0, 3.0], [10.0, 20.0], 2.0) == 15.0
+    assert interpolate([1.0, 3.0], [10.0, 20.0], 0.5) is None
+    assert interpolate([1.0, 3.0], [10.0, 20.0], 3.0) == 20.0
+    fast = [{"train_time": 5.0, "val_bpb": 3.0}, {"train_time": 10.0, "val_bpb": 2.0}]
+    slow = [{"train_time": 10.0, "val_bpb": 2.5}, {"train_time": 20.0, "val_bpb": 1.5}]
+    eq = equal_time({"a": fast, "b": slow})
+    assert eq["train_time"] == 10.0 and eq["val_bpb"] == {"a": 2.0, "b": 2.5}
+
+
+def test_settings_are_consistent():
+    for name, cfg in SETTINGS.items():
+        assert cfg["steps"] % cfg["eval_every"] == 0, name
+        assert cfg["lr_check_steps"] <= cfg["steps"] and cfg["warmup"] < cfg["steps"], name
+        assert cfg["mqar"]["query_start"] >= cfg["mqar"]["model"]["chunk_size"], name  # queries beyond the chunk
+        assert cfg["ctx_doc_bytes"] > max(cfg["contexts"]) + cfg["ctx_score_tokens"], name
+
+
+@pytest.mark.skipif(not DEFAULT_BOOKS.is_dir(), reason="shared books data not present")
+def test_book_split_matches_the_fixed_split():
+    split = book_split(DEFAULT_BOOKS)
+    assert len(split["train"]) == 20 and len(split["validation"]) == 6
+    assert not set(split["train"]) & set(split["validation"])
+    assert DEFAULT_BOOKS / "austen-emma.txt.xz" in split["validation"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEFAULT_BOOKS.is_dir(), reason="shared books data not present")
+def test_smoke_setting_end_to_end(tmp_path):
+    out = tmp_path / "h2h"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "head_to_head.py"), "--setting", "smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    for name in ("results.md", "bpb_vs_tokens.png", "bpb_vs_time.png", "bpb_vs_context.png"):
+        assert (out / name).is_file(), name
+    train = res["train"]
+    assert train["megalodon"]["tokens"] == train["llama"]["tokens"] == 12 * 4 * 64
+    assert abs(train["llama"]["params"] / train["megalodon"]["params"] - 1) <= 0.05
+    for arch in ("megalodon", "llama"):
+        assert res["curves"][arch][-1]["step"] == 12
+        ctx = res["bpb_vs_context"][arch]["results"]
+        assert len({r["n_bytes"] for r in ctx}) == 1 and all(0 < r["bpb"] < 10 for r in ctx)
+        assert [r["length"] for r in res["passkey"][arch]] == [128, 256]
+        assert 0.0 <= res["mqar"][arch]["accuracy"] <= 1.0
+    assert res["bpb_vs_context"]["megalodon"]["results"][-1]["label"] == "whole"
+    # a second run reproduces the token-indexed numbers exactly (fixed seeds, steps and threads)
+    out2 = tmp_path / "h2h2"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "head_to_head.py"), "--setting", "smoke",
+                           "--out", str(out2), "--cache-dir", str(out / "token-cache")], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res2 = json.loads((out2 / "results.json").read_text())
+    for arch in ("megalodon", "llama"):
+        assert [p["val_bpb"] for p in res2["curves"][arch]] == [p["val_bpb"] for p in res["curves"][arch]]
+        assert res2["final_bpb"][arch] == res["final_bpb"][arch]
