@@ -24,17 +24,22 @@ from ..rope import apply_rope
 VALUE_SPLIT_MODES = ("auto", "heads", "loop", "off")
 
 
-def value_split_mode() -> str:
-    """MEGALODON_ATTN_VALUE_SPLIT: how value heads wider than the query heads reach SDPA's fused kernels.
+def value_split_mode(device: torch.device) -> str:
+    """MEGALODON_ATTN_VALUE_SPLIT: how value heads wider than the query heads reach SDPA.
 
-    heads: one call with the q/k heads repeated once per query-width slice of v (default);
-    loop: one call per slice (q @ k^T recomputed per slice, less memory for the repeated q/k);
-    off: one call with the wide v, which SDPA can only serve with its math path (C x C scores stored).
+    heads: one call with the q/k heads repeated once per query-width slice of v, so SDPA's fused (flash)
+    kernels apply; loop: one fused call per slice (q k^T recomputed per slice, no repeated q/k);
+    off: one call with the wide v, which SDPA serves with its math path (C x C weights stored).
+    auto (default): heads on CUDA, where the math path's C x C weights cost hundreds of MB at the 7B shape;
+    off on CPU, where the math path computes q k^T once and was measured 10-14% faster per training step
+    for `tiny` (64-wide q/k, 384-wide v; docs/performance.md).
     """
     mode = os.environ.get("MEGALODON_ATTN_VALUE_SPLIT", "auto")
     if mode not in VALUE_SPLIT_MODES:
         raise ValueError(f"MEGALODON_ATTN_VALUE_SPLIT must be one of {VALUE_SPLIT_MODES}, got {mode!r}")
-    return "heads" if mode == "auto" else mode
+    if mode == "auto":
+        return "heads" if device.type == "cuda" else "off"
+    return mode
 
 
 def _sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, **kw) -> torch.Tensor:
@@ -44,11 +49,12 @@ def _sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: flo
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, **kw) -> torch.Tensor:
     """(N, L, H, d) layout in and out. SDPA's fused (flash) kernels need v as wide as q (Megalodon's value
-    heads are several times wider: 384 vs 64 in `tiny`, 2048 vs 256 at 7B), so v is cut into query-width
-    slices (the last one zero-padded) that share the attention weights: exact, since softmax(qk^T) v is
-    linear in v column by column. Dropout would draw different masks per slice, so it keeps one call."""
+    heads are several times wider: 384 vs 64 in `tiny`, 2048 vs 256 at 7B); split modes cut v into
+    query-width slices (the last one zero-padded) that share the attention weights: exact, since
+    softmax(qk^T) v is linear in v column by column. Dropout would draw different masks per slice, so it
+    keeps one call."""
     dz, dv = q.shape[-1], v.shape[-1]
-    mode = value_split_mode() if dv > dz and dropout_p == 0.0 else "off"
+    mode = value_split_mode(q.device) if dv > dz and dropout_p == 0.0 else "off"
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if mode == "off":
         return _sdpa_call(qt, kt, vt, dropout_p, **kw).transpose(1, 2)
