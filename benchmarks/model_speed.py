@@ -222,6 +222,10 @@ def add_cpu_memory(records: list[dict[str, Any]], args: argparse.Namespace) -> l
     """Fresh-subprocess RSS probes, run after all timings so they do not compete for the cores. Also probes
     Megalodon with activation checkpointing at --ckpt-memory-lengths (memory only); returns those records."""
     ckpt = [{"model": "megalodon-ckpt", "length": L} for L in parse_lengths(args.ckpt_memory_lengths)]
+    # With the allocator tuned for reuse this process still holds the longest step's freed activations
+    # (~13 GiB at 32K): hand them back first, or a probe of the same size finds no room (OOM on 24 GiB).
+    gc.collect()
+    trim_and_reset_peak_rss()
     for rec in records + ckpt:
         probe_args = ["--_probe", rec["model"], "--_length", str(rec["length"]), "--preset", args.preset,
                       "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
