@@ -57,7 +57,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         # mini (4 layers, width 256, chunk 128; training length = 4 chunks) with CEMA dimension 8 as the JAX port
         device="cpu", threads=2, dtype="fp32", preset="mini", model=dict(cema_ndim=8), train_books=20, seq_len=512,
-        batch_size=8, steps=300, warmup=30, eval_every=50, lr_grid=[2e-3, 4e-3], lr_check_steps=30,
+        batch_size=8, steps=720, warmup=60, eval_every=120, lr_grid=[2e-3, 4e-3], lr_check_steps=30,
         curve_bytes=8192, final_bytes=65536, ctx_doc_bytes=65536, ctx_score_tokens=2048,
         contexts=[128, 256, 512, 1024, 2048, 4096, 8192],
         passkey=dict(length=512, test_lengths=[512, 1024, 2048], steps=40, batch=8, trials=32, lr_scale=0.5),
