@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,22 +25,20 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from ..models import MegalodonConfig, MegalodonLM
 from ..training.checkpoint import (
     CHECKPOINTS_DIR,
-    LATEST_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
     SCHEDULER_FILE,
     SHARDED_DIR,
     TMP_PREFIX,
     TRAINER_STATE_FILE,
-    _atomic_write_text,
     _fsync_path,
-    _prune,
     _remove,
     _rng_tensors,
     _step_dir_name,
     _to_json,
     is_sharded,
     latest_checkpoint,
+    publish_checkpoint,
     unaliased_cpu,
 )
 from .env import DistContext
@@ -79,16 +76,7 @@ def save_sharded(run_dir: str | Path, step: int, module: torch.nn.Module, optimi
         for f in [*tmp.iterdir(), *(tmp / SHARDED_DIR).iterdir()]:
             _fsync_path(f)
         _fsync_path(tmp)
-        if final.exists():
-            stale = ckpt_root / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_path(ckpt_root)
-        _atomic_write_text(ckpt_root / LATEST_FILE, name + "\n")
-        _prune(ckpt_root, keep_last, final)
+        publish_checkpoint(tmp, ckpt_root, name, keep_last)
     dist.barrier()
     return final
 

@@ -288,6 +288,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         _fsync_path(f)
     _fsync_path(tmp)
 
+    return publish_checkpoint(tmp, ckpt_root, name, keep_last)
+
+
+def publish_checkpoint(tmp: Path, ckpt_root: Path, name: str, keep_last: int) -> Path:
+    """Move a fully written (fsynced) temporary checkpoint directory into place as `name`, point LATEST at it
+    and prune old ones; returns the final directory."""
     final = ckpt_root / name
     if final.exists():
         # Re-saving a step (e.g. after a resume): rename() cannot replace a non-empty directory.
