@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import random
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from tokenizers import Tokenizer, models
 
 from megalodon_lm.data import ByteTokenizer, HFTokenizer, load_tokenizer, save_tokenizer, train_bpe
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+# Tiny Shakespeare ships with the example run (examples/tinyshakespeare.toml), xz-compressed.
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "examples" / "tinyshakespeare.txt.xz"
 UNICODE = "héllo wörld — ελληνικά, 中文, emoji 😀🚀\n\ttabs and\r\nCRLF\x00"
 
 
@@ -96,9 +98,9 @@ def test_hf_tokenizer_leaves_caller_object_alone(bpe: HFTokenizer):
     assert original.encode_special_tokens is False
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="shared tinyshakespeare not available")
 def test_bpe_on_tinyshakespeare(tmp_path: Path):
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:100_000]
+    with lzma.open(SHAKESPEARE, "rt", encoding="utf-8") as f:
+        text = f.read(100_000)
     tok = train_bpe([text], vocab_size=512, out_path=tmp_path / "tok.json")
     sample = text[50_000:52_000]
     ids = tok.encode(sample)
