@@ -109,6 +109,19 @@ def test_bpe_on_tinyshakespeare(tmp_path: Path):
     assert sum(tok.token_byte_lengths()[i] for i in ids) == len(sample.encode())
 
 
+def test_train_bpe_warns_when_the_vocabulary_is_smaller_than_asked(tmp_path: Path, capsys):
+    with pytest.warns(UserWarning, match=r"the trained vocabulary has \d+ tokens, fewer than the 8192 asked"):
+        tok = train_bpe(["a small text, a small text."], vocab_size=8192, out_path=tmp_path / "tok.json")
+    assert tok.vocab_size < 8192
+    from megalodon_lm.cli import main
+
+    data = tmp_path / "small.txt"
+    data.write_text("a small text, a small text.\n")
+    assert main(["tokenizer", "train", "--data", str(data), "--out", str(tmp_path / "cli.json")]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("megalodon-lm: warning: the trained vocabulary has") and "wrote" in out
+
+
 def test_train_bpe_rejects_tiny_vocab(tmp_path: Path):
     with pytest.raises(ValueError, match="at least 258"):
         train_bpe(["abc"], vocab_size=257, out_path=tmp_path / "t.json")
