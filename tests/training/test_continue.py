@@ -110,13 +110,15 @@ def test_stop_request_during_evaluation_saves_without_evaluating(tmp_path, text_
 def test_time_budget_reserves_the_end_of_the_run():
     b = TimeBudget(total=100.0, tokens_per_step=1000, eval_tokens=30_000, sample_tokens=100)
     assert b.reserve() == pytest.approx(2.0) and not b.out_of_time(97.0)  # nothing measured: the 2% margin
-    b.step_s = 1.0
-    assert b.eval_estimate() == pytest.approx(10.0)  # 30 steps' tokens, forward only: a third of the cost
+    b.step_s, b.eval_token_s = 1.0, 0.0005  # one timed evaluation batch: 0.5 ms per scored token
+    assert b.eval_estimate() == pytest.approx(15.0)
     b.decode_s = 0.05
-    assert b.reserve() == pytest.approx(10.0 + 5.0 + 2.0)
-    assert b.out_of_time(82.0) and not b.out_of_time(81.9)
+    assert b.reserve() == pytest.approx(15.0 + 5.0 + 2.0)
+    assert b.out_of_time(77.0) and not b.out_of_time(76.9)
     b.eval_s = 4.0  # a measured evaluation replaces the estimate
     assert b.steps_that_fit(50.0, eval_every=4) == 19  # (100 - 50 - (4 + 5 + 2)) / (1 + 4 / 4) = 19.5
+    # Too late for a whole evaluation: the tokens that fit in what is left (2 s of the 4 s it takes).
+    assert b.eval_tokens_that_fit(50.0) == 30_000 and b.eval_tokens_that_fit(91.0) == 15_000
     assert TimeBudget(None, 1000, 30_000, 100).reserve() == 0.0
 
 

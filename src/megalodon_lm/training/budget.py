@@ -1,10 +1,12 @@
 """`--max-time`: one wall-clock budget for the whole job, the final evaluation, checkpoint and sample included.
 
 The budget counts across resumes (a checkpoint carries the time spent so far). Training stops early enough that
-what follows it fits: the final evaluation (its measured duration, or an estimate from the step time: a scored
-token costs about a third of a trained one), the text sample (a measured per-token decode time) and a margin
-of 2% for the checkpoint, the plot and timing noise. The same estimates size the schedule's horizon and the
-progress bar's total, and `--resume` uses the ones saved with the checkpoint.
+what follows it fits: the final evaluation (the measured duration of an earlier one, or early in the run the
+time of one evaluation batch scaled to the whole evaluation), the text sample (a measured per-token decode
+time) and a margin of 2% for the checkpoint, the plot and timing noise. The same estimates size the schedule's
+horizon and the progress bar's total, and `--resume` uses the ones saved with the checkpoint. When the budget
+is too short even for that (a machine much slower than the budget assumed), the final evaluation scores only
+the tokens that still fit.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 import torch
 
-EVAL_COST_PER_TOKEN = 1 / 3  # forward only: about a third of a training step's cost per token
 MARGIN_FRACTION = 0.02  # of the budget: checkpoint writes, the plot, noise in the estimates
 PROBE_TOKENS = 8  # tokens generated to time the end-of-training sample
 
@@ -31,15 +32,14 @@ class TimeBudget:
     sample_tokens: int
     step_s: float | None = None  # seconds per optimizer step
     eval_s: float | None = None  # seconds of the last complete evaluation
+    eval_token_s: float | None = None  # seconds per scored token, timed on one evaluation batch
     decode_s: float | None = None  # seconds per sampled token
 
     def eval_estimate(self) -> float:
-        """Seconds one evaluation takes: measured, else estimated from the step time (0 before either)."""
+        """Seconds one evaluation takes: measured, else one batch's time scaled up (0 before either)."""
         if self.eval_s is not None:
             return self.eval_s
-        if self.step_s is None:
-            return 0.0
-        return self.eval_tokens / self.tokens_per_step * self.step_s * EVAL_COST_PER_TOKEN
+        return self.eval_tokens * (self.eval_token_s or 0.0)
 
     def reserve(self) -> float:
         """Seconds kept for the end of the run: final evaluation, sample, margin."""
@@ -55,6 +55,13 @@ class TimeBudget:
         """Whether one more step would eat into the reserve."""
         return self.total is not None and elapsed + (self.step_s or 0.0) + self.reserve() >= self.total
 
+    def eval_tokens_that_fit(self, elapsed: float) -> int:
+        """Validation tokens an evaluation starting now can score within the budget (all of them without one)."""
+        if self.total is None or self.eval_estimate() <= 0:
+            return self.eval_tokens
+        seconds = self.total - elapsed - self.sample_tokens * (self.decode_s or 0.0) - MARGIN_FRACTION * self.total
+        return max(0, min(self.eval_tokens, math.floor(seconds / self.eval_estimate() * self.eval_tokens)))
+
     def steps_that_fit(self, elapsed: float, eval_every: int) -> int:
         """Optimizer steps that still fit, periodic evaluations included (needs a step time)."""
         if self.total is None or self.step_s is None:
@@ -64,13 +71,22 @@ class TimeBudget:
 
     def state_dict(self) -> dict[str, Any]:
         """The measured costs, saved with a checkpoint for `--resume`."""
-        return {"step_time": self.step_s, "eval_time": self.eval_s, "decode_time": self.decode_s}
+        return {"step_time": self.step_s, "eval_time": self.eval_s, "eval_token_time": self.eval_token_s,
+                "decode_time": self.decode_s}
 
     def load_state_dict(self, state: dict[str, Any], elapsed: float, step: int) -> None:
         """Measured costs from a checkpoint's trainer state; a checkpoint without them gives elapsed / step."""
         self.step_s = state.get("step_time") or (elapsed / step if step else None)
         self.eval_s = state.get("eval_time")
+        self.eval_token_s = state.get("eval_token_time")
         self.decode_s = state.get("decode_time")
+
+
+def measure_eval(evaluate_fn, n_tokens: int) -> float:
+    """Seconds per scored token of `evaluate_fn(n_tokens)` (one batch of validation windows)."""
+    start = time.perf_counter()
+    evaluate_fn(n_tokens)
+    return (time.perf_counter() - start) / max(1, n_tokens)
 
 
 def measure_decode(sample_fn, n_tokens: int = PROBE_TOKENS) -> float:

@@ -32,7 +32,7 @@ from ..generation.decoding import stream_generate
 from ..models import MegalodonConfig, MegalodonLM
 from ..models.llama_baseline import LlamaLM, arch_config, build_model, sample_llama_text, save_arch
 from ..runtime import tune_cpu_allocator
-from .budget import TimeBudget, measure_decode
+from .budget import TimeBudget, measure_decode, measure_eval
 from .checkpoint import (
     init_run_dir,
     is_sharded,
@@ -231,7 +231,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
     if len(train_data.tokens) < cfg.seq_len + 1:
         raise ValueError(f"training data has {len(train_data.tokens)} tokens, fewer than one window of "
                          f"--seq-len {cfg.seq_len} + 1")
-    budget.eval_tokens = min(cfg.eval_tokens, len(val_data.tokens))  # an evaluation scores at most all of it
+    budget.eval_tokens = min(cfg.eval_tokens, len(val_data.tokens) - 1)  # an evaluation scores at most all of it
     with contextlib.nullcontext() if drun is None else drun.main_first():
         if main:
             init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)  # the first write: all checks passed
@@ -334,22 +334,48 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         def stopping() -> bool:
             return stop.signal is not None
 
-        def run_eval() -> bool:
-            """Evaluate and log; False when a stop request abandoned it (nothing logged)."""
+        def run_eval(max_tokens: int | None = None) -> bool:
+            """Evaluate (at most max_tokens) and log; False when a stop request abandoned it (nothing logged)."""
             nonlocal val_loss, val_bpb, evaluated_at
             eval_model = model if drun is None else drun.eval_module  # FSDP2: every rank runs the root module
             t0 = time.perf_counter()
-            result = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device, autocast,
-                              should_stop=stopping if interruptible else None)
+            result = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens if max_tokens is None else max_tokens,
+                              byte_lengths, device, autocast, should_stop=stopping if interruptible else None)
             if result is None:
                 return False
-            budget.eval_s = time.perf_counter() - t0
+            if max_tokens is None:
+                budget.eval_s = time.perf_counter() - t0
             val_loss, val_bpb = result
             evaluated_at = step
-            metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss,
-                         "val_bpb": val_bpb})
+            record = {"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb}
+            if max_tokens is not None:
+                record["eval_tokens"] = max_tokens  # a final evaluation shrunk to fit --max-time
+            metrics.log(record)
             progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
             return True
+
+        def probe_end_of_run_costs() -> None:
+            """Time one evaluation batch and a few sampled tokens, so that the budget keeps room for the end."""
+            if budget.eval_s is None:
+                n = min(budget.eval_tokens, EVAL_BATCH * cfg.seq_len)
+                eval_model = model if drun is None else drun.eval_module  # collective under FSDP2: every rank
+                budget.eval_token_s = measure_eval(
+                    lambda k: evaluate(eval_model, val_data, cfg.seq_len, k, byte_lengths, device, autocast), n)
+            if cfg.sample_tokens and drun is None:  # a distributed run samples after training, on rank 0
+                budget.decode_s = measure_decode(lambda k: sample_text(model, tokenizer, cfg.sample_prompt, k,
+                                                                       seed=cfg.seed))
+
+        def final_eval_tokens() -> int | None:
+            """None (the full evaluation), or the validation tokens that still fit in --max-time (one batch or more)."""
+            fit = budget.eval_tokens_that_fit(elapsed())
+            if drun is not None:
+                fit = drun.from_main(fit)
+            if fit >= budget.eval_tokens:
+                return None
+            n = min(budget.eval_tokens, max(fit // cfg.seq_len, EVAL_BATCH) * cfg.seq_len)  # whole windows
+            progress.write(f"--max-time {cfg.max_time}: the final evaluation scores {n:,} of {budget.eval_tokens:,} "
+                           "validation tokens, what the time left allows")
+            return n
 
         while step < schedule.max_steps:
             out_of_time = budget.out_of_time(elapsed())
@@ -373,10 +399,10 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
             if session_steps > CALIBRATION_SKIP:  # the step alone: evaluations and saves are counted apart
                 timed_s += time.perf_counter() - t0
                 budget.step_s = timed_s / (session_steps - CALIBRATION_SKIP)
-            if budget.total is not None and session_steps == CALIBRATION_MIN_STEPS and cfg.sample_tokens \
-                    and drun is None:  # time the end-of-run sample, so that the budget keeps room for it
-                budget.decode_s = measure_decode(lambda n: sample_text(model, tokenizer, cfg.sample_prompt, n,
-                                                                       seed=cfg.seed))
+            elif budget.step_s is None:  # a first, pessimistic figure (the first steps are the slowest)
+                budget.step_s = time.perf_counter() - t0
+            if budget.total is not None and session_steps == CALIBRATION_SKIP:
+                probe_end_of_run_costs()
             if not horizon_fixed and session_steps >= CALIBRATION_MIN_STEPS and step >= cfg.warmup_steps:
                 fit = step + max(1, budget.steps_that_fit(elapsed(), cfg.eval_every))
                 if drun is not None:
@@ -404,7 +430,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         if stopped_by == "max_steps" and budget_set_horizon:
             stopped_by = "max_time"
         # A stop request skips the final evaluation (and abandons one in progress): save and leave.
-        if stopped_by != "signal" and evaluated_at != step and not run_eval():
+        if stopped_by != "signal" and evaluated_at != step and not run_eval(final_eval_tokens()):
             stopped_by = "signal"
         path = save()
         progress.close()
