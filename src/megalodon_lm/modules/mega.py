@@ -74,8 +74,11 @@ class MovingAverageGatedAttention(nn.Module):
         lean = lean_active()
         drop = self.training
         run = recompute if lean else (lambda fn, *args: fn(*args))
-        xn, norm_stats = run(lambda t: self.timenorm(t, None if state is None else state.norm, info.valid,
-                                                     info.cu_seqlens), x)
+        def timenorm(t: torch.Tensor):
+            return self.timenorm(t, None if state is None else state.norm, info.valid, info.cu_seqlens)
+
+        # Without packed documents the lean TimestepNorm has its own backward (stores x and statistics).
+        xn, norm_stats = timenorm(x) if info.cu_seqlens is None else run(timenorm, x)
         mx, cema_h = run(lambda t: self._cema_rmsnorm(t, state, info), xn)
         z_raw, v_raw, r_raw = self.wz(mx), self.wv(xn), self.wr(mx)
         out, cache_k, cache_v = run(lambda z, v: self._attention(z, v, state, info, freqs), z_raw, v_raw)
