@@ -1,9 +1,9 @@
 """Fused q/k preparation (per-head RMS norm, q/k affine, interleaved RoPE) on Triton vs the float64 reference.
 
 Runs on CUDA when present, else on CPU under Triton's interpreter (fixture `triton_device`), on tiny fp32
-shapes with non-power-of-two head widths (dz = 6, 10; H = 3) and token counts that leave a partial last
-tile (tiles of 64 tokens here). Outputs and the gradients of z, gamma and beta within relative 1e-5 of the
-reference in float64 (observed ~1e-7). bf16 at a real width is a `gpu` test.
+shapes with non-power-of-two head widths (dz = 6, 10, and an odd 5 without rotation; H = 2, 3) and token
+counts that leave a partial last tile (tiles of 64 tokens here). Outputs and the gradients of z, gamma and
+beta within relative 1e-5 of the reference in float64 (observed ~1e-7). bf16 at a real width is a `gpu` test.
 """
 
 from __future__ import annotations
@@ -56,20 +56,20 @@ def _check(out, ref):
 
 @pytest.mark.parametrize(
     ("B", "L", "H", "dz", "rows", "chunk"),
-    [(2, 45, 3, 6, "shared", 8), (2, 19, 3, 10, "per_row", 5), (1, 7, 2, 6, "none", 0)],
+    [(2, 45, 3, 6, "shared", 8), (2, 19, 3, 10, "per_row", 5), (1, 7, 2, 5, "none", 0)],
 )
 def test_triton_qk_prep_matches_reference(triton_device, B, L, H, dz, rows, chunk):
-    """Positions t mod chunk shared by all rows, per-row offsets (o_b + t) mod chunk, or no rotation;
-    B*L = 90 tokens is one full and one partial 64-token tile."""
+    """Positions t mod chunk shared by all rows, per-row offsets (o_b + t) mod chunk, or no rotation (at an odd
+    head width); the first case's 90 tokens are one full and one partial 64-token tile."""
     leaves, wts = _case(B, L, H, dz, seed=L + dz)
-    freqs = rope_inverse_frequencies(dz, 10000.0)
     t = torch.arange(L)
     pos = {"shared": t % max(chunk, 1), "per_row": (t + 3 * torch.arange(B).unsqueeze(1)) % max(chunk, 1),
            "none": None}[rows]
+    freqs = None if pos is None else rope_inverse_frequencies(dz, 10000.0)
     ref = _run(lambda z, g, b: qk_prep_reference(z, g, b, EPS, freqs, pos), leaves, wts, F64, "cpu")
-    dev_pos = None if pos is None else pos.to(triton_device)
-    out = _run(lambda z, g, b: qk_prep_triton(z, g, b, EPS, freqs.to(triton_device), dev_pos, chunk or None),
-               leaves, wts, torch.float32, triton_device)
+    dev = (None, None) if pos is None else (freqs.to(triton_device), pos.to(triton_device))
+    out = _run(lambda z, g, b: qk_prep_triton(z, g, b, EPS, *dev, chunk or None), leaves, wts, torch.float32,
+               triton_device)
     _check(out, ref)
 
 
