@@ -31,3 +31,9 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# transformers, PEFT and lm-eval learn about this package when (and if) they are imported: nothing loads now.
+from .integrations import install as _install_integrations  # noqa: E402
+
+_install_integrations()
