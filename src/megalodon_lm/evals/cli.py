@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .harness import add_harness_parser
 from .ppl import bpb_vs_context, load_documents, parse_contexts
 
 
@@ -18,6 +19,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="evaluate a trained run", description="Evaluation harnesses.")
     sub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     _add_ppl_parser(sub)
+    add_harness_parser(sub)
     return p
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 TOKENIZER_JSON = "tokenizer.json"
 
 
@@ -37,6 +39,32 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     save_tokenizer(tok, out)
     write_transformers_tokenizer(tok, out)
     return out
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu", step: int | None = None):
+    """(MegalodonLM in eval mode, tokenizer) from a run directory or a transformers folder (e.g. an export).
+
+    `step` picks a run directory's checkpoint (default latest); a transformers folder has one.
+    """
+    from ..models.megalodon import MegalodonLM
+    from ..training.checkpoint import MODEL_CONFIG_FILE, load_run
+
+    src = Path(path)
+    if (src / MODEL_CONFIG_FILE).is_file():
+        model, tok = load_run(src, device=device, step=step)
+    elif (src / "config.json").is_file():
+        from .modeling import MegalodonForCausalLM  # transformers only for a transformers folder
+
+        if step is not None:
+            raise ValueError(f"{src} is a transformers folder: it has one checkpoint, no step to choose")
+        tok = _load_hf_dir_tokenizer(src, None)
+        model = MegalodonForCausalLM.from_pretrained(src).model.eval().to(device)
+    else:
+        raise FileNotFoundError(f"{src} is neither a megalodon-lm run directory ({MODEL_CONFIG_FILE}) nor a "
+                                "transformers folder (config.json)")
+    if not isinstance(model, MegalodonLM):
+        raise ValueError(f"{src} holds a {type(model).__name__}: this needs a Megalodon model")
+    return model, tok
 
 
 def _load_hf_dir_tokenizer(hf_dir: Path, tokenizer: str | Path | None):
