@@ -53,6 +53,11 @@ def test_padded_forward_equals_rows_alone(model, side):
             torch.testing.assert_close(h[i, real], h1[0], rtol=1e-5, atol=1e-5)
 
 
+def test_output_attentions_is_refused(model):
+    with pytest.raises(ValueError, match="output_attentions is not supported"):
+        model(_prompts((4,))[0][None], output_attentions=True)
+
+
 def test_pads_in_the_middle_are_skipped(model):
     p = _prompts((10,))[0]
     ids = torch.cat([p[:3], torch.full((4,), PAD), p[3:]])[None]
@@ -96,10 +101,11 @@ def test_padded_loss_counts_each_real_target_once(model, side):
 def test_left_padded_greedy_generate_equals_library_generate(model):
     prompts = _prompts()
     ids, mask = _pad(prompts, "left")
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD,
-                         eos_token_id=None)
     ref = generate(model.model, prompts, max_new_tokens=10, temperature=0)
-    assert torch.equal(out[:, ids.shape[1]:], ref)
+    for chunk in (None, 5):  # transformers' chunked prefill: 5 columns per forward
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD,
+                             eos_token_id=None, prefill_chunk_size=chunk)
+        assert torch.equal(out[:, ids.shape[1]:], ref)
 
 
 def test_left_padded_sampling_equals_library_sampling(model):

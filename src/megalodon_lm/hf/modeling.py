@@ -90,7 +90,15 @@ class MegalodonForCausalLM(MegalodonPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ transformers plumbing
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # forward creates a MegalodonCache itself
+        return False  # never a DynamicCache: ours is a MegalodonCache
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
+        # transformers creates no cache for us (it warns about a cache_implementation); an empty
+        # MegalodonCache before the first forward lets chunked prefill (`prefill_chunk_size`) work.
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is not False and model_kwargs.get("cache") is None \
+                and model_kwargs.get("past_key_values") is None:
+            model_kwargs["cache"] = MegalodonCache()
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed
@@ -149,6 +157,9 @@ class MegalodonForCausalLM(MegalodonPreTrainedModel, GenerationMixin):
             raise ValueError("MegalodonForCausalLM takes input_ids only (inputs_embeds is not supported)")
         if input_ids is None:
             raise ValueError("input_ids is required")
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not supported: attention covers one chunk at a time and the "
+                             "longer context is carried by CEMA, so no attention matrix spans the input")
         cache = self._resolve_cache(cache, past_key_values, use_cache, labels)
         state = None if cache is None else cache.state
         if output_hidden_states is None:
