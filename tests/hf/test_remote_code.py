@@ -27,8 +27,15 @@ def _run_script(script: str, *args: str, tmp_path) -> subprocess.CompletedProces
 
 FRESH = """
     import json, sys
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    results = {}
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    # First as if the package were not installed: the loader file's error names the pip command.
+    sys.modules["megalodon_lm"] = None
+    try:
+        AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+    except ImportError as err:
+        missing = str(err)
+    del sys.modules["megalodon_lm"]
+    results = {"missing": missing}
     for folder in sys.argv[1:]:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
@@ -42,12 +49,14 @@ FRESH = """
 
 
 def test_fresh_interpreter_loads_byte_and_bpe_exports(tmp_path, byte_export, bpe_export):
-    """Acceptance: no megalodon_lm import in the script; AutoModelForCausalLM/AutoTokenizer generate."""
-    assert "megalodon_lm" not in FRESH
+    """Acceptance: no megalodon_lm import in the script; AutoModelForCausalLM/AutoTokenizer generate.
+    The script first hides the package: loading then fails with our message."""
+    assert "import megalodon_lm" not in FRESH
     folders = {str(byte_export[1]): (byte_export[2], None), str(bpe_export[1]): (bpe_export[2], bpe_export[3])}
     proc = _run_script(FRESH, *folders, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["missing"].startswith("this model needs the megalodon-lm package: pip install 'megalodon-lm[hf]'")
     for folder, (ref_model, bpe) in folders.items():
         r = results[folder]
         assert r["class"] == "MegalodonForCausalLM" and r["padding_side"] == "left"
@@ -80,23 +89,6 @@ def test_auto_classes_after_import_megalodon_lm(tmp_path, byte_export):
     proc = _run_script(AFTER_IMPORT, str(byte_export[1]), tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("torch.Size([1, 6])")
-
-
-MISSING = """
-    import sys
-    sys.modules["megalodon_lm"] = None  # as if the package were not installed
-    from transformers import AutoConfig
-    try:
-        AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
-    except ImportError as err:
-        print("ImportError:", err)
-"""
-
-
-def test_missing_package_error_names_the_pip_command(tmp_path, byte_export):
-    proc = _run_script(MISSING, str(byte_export[1]), tmp_path=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ImportError: this model needs the megalodon-lm package: pip install 'megalodon-lm[hf]'" in proc.stdout
 
 
 def test_export_folder_files(byte_export, bpe_export):
