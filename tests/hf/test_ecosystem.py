@@ -57,6 +57,21 @@ def test_trainer_with_right_padding(tmp_path, byte_export):
     assert not torch.equal(model.model.embed.weight, before)
 
 
+def test_lora_on_fc2_and_wh2_same_forward_with_and_without_grad(byte_export):
+    """The lean training path (grad on) rebuilds wh2's and fc2's inputs itself; with adapters on them the
+    forward must still go through the adapter, as it does without grad."""
+    pytest.importorskip("peft", reason="PEFT is not installed (pip install 'megalodon-lm[hf]')")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(byte_export[1])
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["wh2", "fc2"], init_lora_weights=False))
+    ids = torch.tensor([list(b"adapters on the gate and the FFN output")])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    torch.testing.assert_close(model(input_ids=ids).logits.detach(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_peft_lora_default_targets_train_save_reload_merge(tmp_path, byte_export):
     """Acceptance: LoraConfig without target_modules uses ours; 5 steps, save, reload, merge."""
     pytest.importorskip("peft", reason="PEFT is not installed (pip install 'megalodon-lm[hf]')")
@@ -80,6 +95,8 @@ def test_peft_lora_default_targets_train_save_reload_merge(tmp_path, byte_export
         opt.zero_grad()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
+    # Every adapter trained, wh2's too (the lean training path must call a wrapped wh2 as a module).
+    assert all(bool(p.detach().abs().sum() > 0) for n, p in model.named_parameters() if "lora_B" in n)
     model.eval()
     with torch.no_grad():
         trained = model(input_ids=ids).logits
