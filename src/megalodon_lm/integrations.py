@@ -74,11 +74,12 @@ HOOKS: dict[str, Callable[[], None]] = {
 
 
 def _run(name: str) -> None:
+    hook = HOOKS[name]
     try:
-        HOOKS[name]()
+        hook()
     except Exception as err:  # a registration problem must not break the user's import of the other library
         warnings.warn(f"megalodon-lm could not register with {name.split('.')[0]} ({type(err).__name__}: {err}); "
-                      "import megalodon_lm.hf (or megalodon_lm.evals.lm_eval_model) explicitly", stacklevel=3)
+                      f"call megalodon_lm.integrations.{hook.__name__}() yourself", stacklevel=3)
 
 
 class _LoaderAfterExec(importlib.abc.Loader):
