@@ -21,6 +21,7 @@ TOKENIZER_JSON = "tokenizer.json"
 def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Export a run's latest (or given-step) checkpoint and tokenizer as a transformers directory."""
     from ..data.tokenizer import save_tokenizer
+    from ..fileio import normalize_modes
     from ..models.megalodon import MegalodonLM
     from ..training.checkpoint import load_run
     from .configuration import MegalodonHFConfig
@@ -36,6 +37,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out)
+    normalize_modes(out)  # transformers writes its safetensors owner-only
     save_tokenizer(tok, out)
     write_transformers_tokenizer(tok, out)
     return out
