@@ -18,9 +18,11 @@ Generation
     stream_generate(...)                             the same, one step at a time
     save_state(state, path, model) / load_state(path, model)   continue a stream later, exactly
 
-More in the subpackages: `megalodon_lm.evals` (bits per byte vs context, passkey, MQAR), `megalodon_lm.hf`
-(the transformers adapter), `megalodon_lm.distributed` (torchrun, FSDP2, chunk parallelism). Training and
-generation load on first use, so `import megalodon_lm` stays light. See README.md and docs/.
+More in the subpackages: `megalodon_lm.evals` (bits per byte vs context, passkey, MQAR, the lm-eval model),
+`megalodon_lm.hf` (the transformers adapter), `megalodon_lm.distributed` (torchrun, FSDP2, chunk parallelism).
+Training and generation load on first use, so `import megalodon_lm` stays light; transformers, PEFT and
+lm-eval learn about this package when they are imported (`megalodon_lm.integrations`, docs/huggingface.md).
+See README.md and docs/.
 """
 
 from typing import TYPE_CHECKING
@@ -65,3 +67,9 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     # dir() lists the lazy names too, so help(megalodon_lm) and tab completion show the whole API.
     return sorted(set(globals()) | set(__all__))
+
+
+# transformers, PEFT and lm-eval learn about this package when (and if) they are imported: nothing loads now.
+from . import integrations as _integrations  # noqa: E402
+
+_integrations.install()

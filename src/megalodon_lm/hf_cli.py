@@ -4,16 +4,17 @@ import transformers (slow, and optional: the `hf` extra)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from typing import Any
 
 from ._cli_format import HelpFormatter
 
 
 def _convert_module():
-    try:
-        from .hf import convert
-    except ImportError as err:
-        raise ValueError(f"this command needs the `hf` extra: pip install 'megalodon-lm[hf]' ({err})") from err
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("this command needs the `hf` extra: pip install 'megalodon-lm[hf]'")
+    from .hf import convert
+
     return convert
 
 

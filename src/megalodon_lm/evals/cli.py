@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .harness import add_harness_parser
 from .ppl import bpb_vs_context, load_documents, parse_contexts
 
 
@@ -16,6 +17,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="evaluate a trained run", description="Evaluation harnesses.")
     sub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     _add_ppl_parser(sub)
+    add_harness_parser(sub)
     return p
 
 
