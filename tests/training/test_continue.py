@@ -117,8 +117,9 @@ def test_time_budget_reserves_the_end_of_the_run():
     assert b.out_of_time(77.0) and not b.out_of_time(76.9)
     b.eval_s = 4.0  # a measured evaluation replaces the estimate
     assert b.steps_that_fit(50.0, eval_every=4) == 19  # (100 - 50 - (4 + 5 + 2)) / (1 + 4 / 4) = 19.5
-    # Too late for a whole evaluation: the tokens that fit in what is left (2 s of the 4 s it takes).
-    assert b.eval_tokens_that_fit(50.0) == 30_000 and b.eval_tokens_that_fit(91.0) == 15_000
+    # Too late for a whole evaluation: the tokens that fit in what is left (3 s of the 4 s it takes: 100 - 91 s,
+    # minus the sample's 5 s and half the 2 s margin).
+    assert b.eval_tokens_that_fit(50.0) == 30_000 and b.eval_tokens_that_fit(91.0) == 22_500
     # A cost measured while the machine was twice as slow (step time 2 s then, 1 s now) counts half now.
     b.measured("eval_s", 4.0, step_s=2.0)
     assert b.eval_estimate() == pytest.approx(2.0)
