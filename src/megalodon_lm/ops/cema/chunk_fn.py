@@ -3,8 +3,11 @@
 Same algorithm and numbers as `cema_chunked` (to rounding), but the forward runs without autograd and
 saves only x (B, L, D), the (D, N) coefficients, h0 and the block states (B*D*2N*L/T reals); the backward
 rebuilds the small (D, N, T) operators and runs the same block matmuls and block scan on the gradient.
-All arithmetic is real: complex numbers are (re, im) planes, powers of q are exp(m Re log q) times
-cos/sin(m Im log q) (PyTorch's complex exp is not vectorised on CPU and cost more than the matmuls).
+Arithmetic is real wherever tensors are large: x, y, their gradients and every matmul operand are real,
+complex states are interleaved (re, im) columns, and powers of q are exp(m Re log q) times
+cos/sin(m Im log q) (PyTorch's complex exp is not vectorised on CPU: in `cema_chunked` it cost more than
+the matmuls). Complex views appear only for the block scan's multiply-add (one op per block; four real
+ones measured 2-3x slower) and for (D, N)-sized sums.
 
 Forward, per channel and mode (n implicit), blocks of T tokens, P_m = q^m, c block, i, j in [0, T):
     U_c = sum_j p P_(T-1-j) x_cj                         (block input; one matmul against V)
@@ -28,6 +31,8 @@ grad u = conj(s) grad z, and a real r multiplying z gets Re(conj(z) grad)). g = 
               Z_m = p Y_m + conj(eta) dw_(m-1) + [m = T] grad a (+ G conj(H_c*) at m = i*+1)
               grad log q = sum_m m conj(P_m) Z_m,  grad p = Re sum_m conj(P_m) Y_m,
               grad eta = sum_m conj(P_m) E_m,      grad omega = dk_0
+    (`_coefficient_grads` evaluates these as sums over m of conj(P_m) times dk, dV and dw, plain and
+    m-weighted, then combines (D, N) terms.)
 Verified against autograd through `cema_chunked` and against `cema_naive` in tests/ops/test_cema_fn.py.
 No double backward (the backward is not itself differentiable).
 """
@@ -44,12 +49,11 @@ from .chunk import cema_chunked
 from .coefficients import CemaCoefficients
 
 
-def block_size_fn(length: int) -> int:
-    """T ~ sqrt(L)/2, a power of two in [16, 128] (16 at 512-1K, 32 at 2K-4K, 64 at 8K-16K).
-
-    Smaller than `default_block_size`: here the (D, N, T) operators and coefficient gradients are a larger
-    share of the work than in the autograd path. Measured in docs/cema.md."""
-    t = 1 << max(0, math.floor(math.log2(max(1, length)) / 2 - 0.5))
+def block_size_fn(tokens: int) -> int:
+    """T ~ sqrt(B*L)/2 for B*L tokens, a power of two in [16, 128] (16 up to 1K tokens, 32 at 2K-4K, 64 at
+    8K-16K). Smaller than `default_block_size`: the (D, N, T) operators and coefficient gradients are a
+    larger share of the work here, while the block scan's cost grows with B*L/T. Measured in docs/cema.md."""
+    t = 1 << max(0, math.floor(math.log2(max(1, tokens)) / 2 - 0.5))
     return min(128, max(16, t))
 
 
@@ -95,23 +99,22 @@ def _diagonal_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _to_blocks(t: torch.Tensor, dtype: torch.dtype, T: int, nb: int) -> torch.Tensor:
     """(B, L, D) -> (D, B*nb, T) in `dtype`, zero past L: channels batch the matmuls.
 
-    One 2-D transpose per row (a 3-D permuted copy measured ~1.5x slower)."""
+    As one 2-D transpose of (B*nb*T, D), which PyTorch copies cache-blocked (a 3-D permuted copy, or one
+    per row into a strided destination, measured 1.5-5x slower)."""
     B, L, D = t.shape
-    out = t.new_empty(D, B, nb * T, dtype=dtype)
-    for b in range(B):
-        out[:, b, :L].copy_(t[b].t())
-    out[:, :, L:].zero_()
-    return out.view(D, B * nb, T)
+    src = t.to(dtype)
+    if nb * T != L:
+        src = F.pad(src, (0, 0, 0, nb * T - L))
+    return src.reshape(B * nb * T, D).t().contiguous().view(D, B * nb, T)
 
 
 def _from_blocks(t: torch.Tensor, B: int, L: int, dtype: torch.dtype) -> torch.Tensor:
-    """(D, B*nb, T) -> (B, L, D) contiguous in `dtype`."""
+    """(D, B*nb, T) -> (B, L, D) contiguous in `dtype` (one 2-D transpose, plus a copy when padded)."""
     D = t.shape[0]
-    src = t.view(D, B, -1)
-    out = t.new_empty(B, L, D, dtype=dtype)
-    for b in range(B):
-        out[b].copy_(src[:, b, :L].t())
-    return out
+    out = t.view(D, -1).t().contiguous().view(B, -1, D)
+    if out.shape[1] != L:
+        out = out[:, :L].contiguous()
+    return out.to(dtype)
 
 
 class _Operators:
@@ -349,12 +352,12 @@ def cema_chunked_fn(
     meaningless; the final state is taken after each row's last real token). Gradients flow to x, h0,
     coef.p, coef.log_q, coef.eta and coef.omega (not coef.q, which the chunked scan does not use), from y
     and from the final state. Saves x, the coefficients, h0 and the block states (B, D, 2N, L/T).
-    block_size: tokens per block T (default `block_size_fn(L)`).
+    block_size: tokens per block T (default `block_size_fn(B * L)`).
     """
     B, L, D = x.shape
     if L == 0:  # nothing to save
         return cema_chunked(x, coef, h0, lengths, need_state)
-    T = max(1, min(block_size or block_size_fn(L), L))
+    T = max(1, min(block_size or block_size_fn(B * L), L))
     out = _CemaChunkFn.apply(x, coef.p, coef.log_q, coef.eta, coef.omega, h0, lengths, need_state, T)
     if need_state:
         return out
