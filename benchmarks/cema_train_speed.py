@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, fmt, fmt_len, median, parse_lengths, print_table, save_json, system_info
+from _common import RESULTS_DIR, fill_defaults, fmt, fmt_len, median, parse_lengths, print_table, save_json, system_info
 
 from megalodon_lm.ops import cema_chunked, cema_chunked_fn, cema_coefficients
 from megalodon_lm.ops.cema.chunk import default_block_size
@@ -90,12 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: L=256, 2 rounds, 1 warm-up")
     p.add_argument("--out", default=str(RESULTS_DIR / "cema_train_speed.json"))
     args = p.parse_args(argv)
-    defaults = dict(lengths="256", repeats=2, warmup=1) if args.quick else dict(lengths="512,2K,8K", repeats=9,
-                                                                                 warmup=2)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    if args.quick:
+        return fill_defaults(args, dict(lengths="256", repeats=2, warmup=1))
+    return fill_defaults(args, dict(lengths="512,2K,8K", repeats=9, warmup=2))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

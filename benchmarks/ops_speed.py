@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from _common import (
     RESULTS_DIR,
+    fill_defaults,
     fmt,
     fmt_len,
     median,
@@ -251,13 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS_DIR / "ops_speed.json"))
     args = p.parse_args(argv)
     if args.quick:
-        defaults = dict(lengths="512,1K", repeats=3, warmup=1)
-    else:
-        defaults = dict(lengths="1K,4K,16K", repeats=10, warmup=2)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+        return fill_defaults(args, dict(lengths="512,1K", repeats=3, warmup=1))
+    return fill_defaults(args, dict(lengths="1K,4K,16K", repeats=10, warmup=2))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
