@@ -17,6 +17,7 @@ TOKENIZER_JSON = "tokenizer.json"
 def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Export a run's latest (or given-step) checkpoint and tokenizer as a transformers directory."""
     from ..data.tokenizer import save_tokenizer
+    from ..fileio import normalize_modes
     from ..training.checkpoint import load_run
     from .configuration import MegalodonHFConfig
     from .modeling import MegalodonForCausalLM
@@ -28,6 +29,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out)
+    normalize_modes(out)  # transformers writes its safetensors owner-only
     save_tokenizer(tok, out)
     return out
 

@@ -1,4 +1,4 @@
-"""Normalised feed-forward network (reference-spec §5) with the two-hop residual."""
+"""Normalised feed-forward network (docs/architecture.md §5) with the two-hop residual."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MEGA sub-layer in its Megalodon form (reference-spec §4.1): TimestepNorm -> CEMA -> RMSNorm,
+"""The MEGA sub-layer in its Megalodon form (docs/architecture.md §4.1): TimestepNorm -> CEMA -> RMSNorm,
 normalised multi-head chunk attention gated by r, and h = W_h1 mx + W_h2 (O * r) added to the input.
 """
 
