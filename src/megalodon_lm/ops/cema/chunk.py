@@ -120,7 +120,9 @@ def cema_chunked(
     w_rows = torch.stack([w_out.real, -w_out.imag], dim=2).flatten(1, 2)  # (D, 2N, T) interleaved
     y = torch.baddbmm(torch.bmm(xb, toeplitz_t), _interleave(h_in).reshape(D, B * nb, 2 * N), w_rows)
     y = y.view(D, B, nb * T).permute(1, 2, 0)[:, :L]
-    y = (y + coef.omega * xf).to(x.dtype)
+    # x-shaped operand first: the sum takes its contiguous (B, L, D) layout rather than y's permuted one, like
+    # chunk_fn's output (a later dropout draws its mask in memory order, so layouts must agree).
+    y = (coef.omega * xf + y).to(x.dtype)
 
     if not need_state:
         return y, None
