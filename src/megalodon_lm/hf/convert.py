@@ -17,10 +17,12 @@ TOKENIZER_JSON = "tokenizer.json"
 def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Export a run's latest (or given-step) checkpoint and tokenizer as a transformers directory."""
     from ..data.tokenizer import save_tokenizer
+    from ..outputs import check_output_dir
     from ..training.checkpoint import load_run
     from .configuration import MegalodonHFConfig
     from .modeling import MegalodonForCausalLM
 
+    check_output_dir(out_dir, "OUT_DIR")  # before loading: a file or read-only place fails in one line
     model, tok = load_run(run_dir, step=step)
     config = MegalodonHFConfig.from_megalodon_config(model.config, eos_token_id=tok.eos_id)
     hf_model = MegalodonForCausalLM(config)
@@ -52,6 +54,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | N
     """
     from ..data.tokenizer import save_tokenizer
     from ..training.checkpoint import TOKENIZER_DIR, init_run_dir, save_checkpoint
+    from ..training.run_lock import lock_run_dir
     from .modeling import MegalodonForCausalLM
 
     src = Path(hf_dir)
@@ -60,7 +63,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | N
     tok = _load_hf_dir_tokenizer(src, tokenizer)
     hf_model = MegalodonForCausalLM.from_pretrained(src)
     cfg = hf_model.config.to_megalodon_config()
-    path = init_run_dir(run_dir, cfg, {"imported_from": str(src.resolve())}, resume=False)
-    save_tokenizer(tok, path / TOKENIZER_DIR)
-    save_checkpoint(path, step, hf_model.model, None, None, {"step": step, "imported_from": str(src.resolve())})
+    with lock_run_dir(run_dir):  # a writer, like `train`: one at a time
+        path = init_run_dir(run_dir, cfg, {"imported_from": str(src.resolve())}, resume=False)
+        save_tokenizer(tok, path / TOKENIZER_DIR)
+        save_checkpoint(path, step, hf_model.model, None, None, {"step": step, "imported_from": str(src.resolve())})
     return path

@@ -13,15 +13,22 @@ Layout (format version 1)::
                                scheduler.json       the LR scheduler's state (absent when there is none)
                                trainer_state.json   the caller's dict: step, tokens, elapsed, data position, ...
                                rng.safetensors      "cpu": torch CPU RNG state; "cuda:<i>": each CUDA device's
+                               manifest.json        every file's size and SHA-256 (training.manifest), written last
         latest                 text file naming the newest complete checkpoint directory
+      .lock                    the writer's lock (training.run_lock): one training process per run directory
       (a distributed run's step_* holds dcp/ shards and rng_rank<r>.safetensors instead of model.safetensors,
        optimizer.pt and rng.safetensors; see megalodon_lm.distributed.checkpoint_dcp)
       metrics.jsonl, ...       see megalodon_lm.training.metrics
 
-A checkpoint is written into ``checkpoints/.tmp-step_NNNNNNNN-<pid>/``, fsynced and renamed into place, so a
-``step_*`` directory is always complete; ``latest`` is replaced atomically afterwards. Anything named ``.tmp-*``
-is debris of an interrupted save: readers ignore it and the next save removes it. Only one process (rank 0)
-may save into a run directory at a time.
+A checkpoint is written into ``checkpoints/.tmp-step_NNNNNNNN-<pid>/``, fsynced, given its manifest and renamed
+into place, so a ``step_*`` directory is always complete; ``latest`` is replaced atomically afterwards. Anything
+named ``.tmp-*`` is debris of an interrupted save: readers ignore it, and a save removes the debris of its own
+process and of processes that no longer run (never another live process's). Only the process holding the run
+lock (rank 0 under torchrun) saves into a run directory. A save that fails (a full disk) removes its partial
+directory and raises `CheckpointWriteError`: the previous checkpoint stays as it was.
+
+Loading verifies the manifest and that the weights are finite (`CorruptCheckpointError` otherwise, one line);
+checkpoints written before manifests existed load unverified, with the finiteness check.
 """
 
 from __future__ import annotations
@@ -31,14 +38,26 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..models import MegalodonConfig, MegalodonLM
+from .manifest import (
+    CorruptCheckpointError,
+    NonFiniteError,
+    checkpoint_files,
+    first_non_finite,
+    is_finite_number,
+    optimizer_tensors,
+    verify_manifest,
+    write_manifest,
+)
 
 RUN_FORMAT_VERSION = 1
 
@@ -57,6 +76,17 @@ SHARDED_DIR = "dcp"  # torch.distributed.checkpoint shards of a distributed run 
 
 TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"step_(\d+)")
+_DEBRIS_PID_RE = re.compile(r"-(\d+)$")  # .tmp-<what>-<pid of the writing process>
+_LOW_DISK = 64 << 20
+T = TypeVar("T")  # below this many free bytes, a failed write is reported as a full disk
+
+
+class CheckpointMismatchError(CorruptCheckpointError, RuntimeError):
+    """Weights whose names or shapes do not fit the model (another architecture, or a damaged config)."""
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, read-only, ...); the previous one is intact."""
 
 
 # ---------------------------------------------------------------------- small file helpers
@@ -88,12 +118,26 @@ def _to_json(data: Any) -> str:
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see either the old or the new file, never a partial one."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a partial temporary behind
+        raise
     _fsync_path(path.parent)
+
+
+def read_json_file(path: str | Path) -> Any:
+    """A JSON file's content; unreadable or invalid JSON is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
 
 
 def _remove(path: Path) -> None:
@@ -109,10 +153,7 @@ def _read_run_info(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / RUN_FILE
     if not path.is_file():
         return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
+    info = read_json_file(path)
     version = info.get("format_version") if isinstance(info, dict) else None
     if version != RUN_FORMAT_VERSION:
         raise ValueError(
@@ -132,13 +173,8 @@ def _check_writable(run_dir: Path) -> None:
         raise ValueError(f"output directory is not writable: {run_dir} ({exc.strerror or exc})") from exc
 
 
-def init_run_dir(run_dir: str | Path, model_config: MegalodonConfig, train_config: dict[str, Any],
-                 resume: bool) -> Path:
-    """Create (or validate, when resuming) a run directory and write its run/model/train config files.
-
-    Refuses a directory that already has checkpoints unless `resume`. With `resume`, an existing run is
-    validated (format version) and left untouched; a directory without run.json is initialised as new.
-    """
+def ensure_run_dir(run_dir: str | Path) -> Path:
+    """Create `run_dir` (and its parents) if needed and check that it is a writable directory (ValueError)."""
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output path exists and is not a directory: {path}")
@@ -147,6 +183,17 @@ def init_run_dir(run_dir: str | Path, model_config: MegalodonConfig, train_confi
     except OSError as exc:
         raise ValueError(f"cannot create output directory {path}: {exc.strerror or exc}") from exc
     _check_writable(path)
+    return path
+
+
+def init_run_dir(run_dir: str | Path, model_config: MegalodonConfig, train_config: dict[str, Any],
+                 resume: bool) -> Path:
+    """Create (or validate, when resuming) a run directory and write its run/model/train config files.
+
+    Refuses a directory that already has checkpoints unless `resume`. With `resume`, an existing run is
+    validated (format version) and left untouched; a directory without run.json is initialised as new.
+    """
+    path = ensure_run_dir(run_dir)
 
     if resume:
         if _read_run_info(path) is not None:
@@ -248,6 +295,42 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return states
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else (or cannot tell): leave its files alone
+    return True
+
+
+def remove_debris(ckpt_root: Path) -> None:
+    """Remove `.tmp-*` entries written by this process or by processes that no longer run.
+
+    A live process's temporary (another writer that ignores the run lock, e.g. an older megalodon-lm) is
+    left alone; readers ignore `.tmp-*` either way.
+    """
+    if not ckpt_root.is_dir():
+        return
+    for debris in ckpt_root.glob(f"{TMP_PREFIX}*"):
+        match = _DEBRIS_PID_RE.search(debris.name)
+        if match and (int(match.group(1)) == os.getpid() or not _pid_alive(int(match.group(1)))):
+            _remove(debris)
+
+
+def write_failure(exc: BaseException, where: Path) -> str:
+    """A one-line reason for a failed write: the OS error, or a full disk behind torch's opaque messages."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.strerror or os.strerror(exc.errno)
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return text
+    return f"No space left on device ({free:,} bytes free)" if free < _LOW_DISK else text
+
+
 def _prune(ckpt_root: Path, keep_last: int | None, just_written: Path) -> None:
     if keep_last is None:
         return
@@ -268,27 +351,42 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+    weights = unaliased_cpu(model.state_dict())
+    bad = first_non_finite(weights)
+    if bad is not None:  # such a checkpoint would only be pruned into the place of a good one
+        raise NonFiniteError(f"the weights hold NaN or infinity ({bad}) at step {step}: not saved")
     ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    for debris in ckpt_root.glob(f"{TMP_PREFIX}*"):
-        _remove(debris)
-
     name = _step_dir_name(step)
     tmp = ckpt_root / f"{TMP_PREFIX}{name}-{os.getpid()}"
-    tmp.mkdir()
-    save_file(unaliased_cpu(model.state_dict()), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    if scheduler_state is not None:
-        (tmp / SCHEDULER_FILE).write_text(_to_json(scheduler_state), encoding="utf-8")
-    save_file(_rng_tensors(), str(tmp / RNG_FILE))
-    # trainer_state.json marks completeness, so it is written last.
-    (tmp / TRAINER_STATE_FILE).write_text(_to_json(trainer_state), encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
-
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        remove_debris(ckpt_root)
+        tmp.mkdir()
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if scheduler_state is not None:
+            (tmp / SCHEDULER_FILE).write_text(_to_json(scheduler_state), encoding="utf-8")
+        save_file(_rng_tensors(), str(tmp / RNG_FILE))
+        # trainer_state.json marks completeness, the manifest (hashes of everything else) comes last.
+        (tmp / TRAINER_STATE_FILE).write_text(_to_json(trainer_state), encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync_path(f)
+        write_manifest(tmp)
+        _fsync_path(tmp)
+    except BaseException as exc:
+        _remove(tmp)
+        if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+            raise CheckpointWriteError(checkpoint_write_message(name, ckpt_root, exc)) from exc
+        raise
     return publish_checkpoint(tmp, ckpt_root, name, keep_last)
+
+
+def checkpoint_write_message(name: str, ckpt_root: Path, exc: BaseException) -> str:
+    previous = latest_checkpoint(ckpt_root.parent)
+    kept = f"{previous.name} is intact" if previous is not None else "no earlier checkpoint exists"
+    return (f"cannot write checkpoint {name} in {ckpt_root}: {write_failure(exc, ckpt_root)} "
+            f"({kept}; the partial checkpoint was removed)")
 
 
 def publish_checkpoint(tmp: Path, ckpt_root: Path, name: str, keep_last: int) -> Path:
@@ -304,7 +402,11 @@ def publish_checkpoint(tmp: Path, ckpt_root: Path, name: str, keep_last: int) ->
     else:
         os.replace(tmp, final)
     _fsync_path(ckpt_root)
-    _atomic_write_text(ckpt_root / LATEST_FILE, name + "\n")
+    try:
+        _atomic_write_text(ckpt_root / LATEST_FILE, name + "\n")
+    except OSError as exc:  # the checkpoint itself is complete; `latest` still names the previous one
+        raise CheckpointWriteError(f"checkpoint {final} was written but {ckpt_root / LATEST_FILE} could not be "
+                                   f"updated: {write_failure(exc, ckpt_root)}") from exc
     _prune(ckpt_root, keep_last, final)
     return final
 
@@ -314,57 +416,217 @@ def _device_str(device: str | torch.device) -> str:
     return str(torch.device(device))
 
 
+def _corrupt(ckpt: Path, what: str, exc: BaseException | None = None) -> CorruptCheckpointError:
+    detail = "" if exc is None else f" ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})"
+    return CorruptCheckpointError(f"checkpoint {ckpt} is corrupt: {what}{detail}")
+
+
+def read_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """trainer_state.json as a dict (CorruptCheckpointError when unreadable or not a JSON object)."""
+    ckpt = Path(ckpt_dir)
+    try:
+        state = json.loads((ckpt / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(ckpt, f"{TRAINER_STATE_FILE} is unreadable", exc) from exc
+    if not isinstance(state, dict):
+        raise _corrupt(ckpt, f"{TRAINER_STATE_FILE} is not a JSON object")
+    return state
+
+
+def check_resume_state(ckpt_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The trainer state of a checkpoint a run resumes from: it must hold the step, tokens and elapsed time."""
+    for key in ("step", "tokens"):
+        if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
+            raise _corrupt(Path(ckpt_dir), f"{TRAINER_STATE_FILE} has no valid {key!r}")
+    if not is_finite_number(state.get("elapsed")) or state["elapsed"] < 0:
+        raise _corrupt(Path(ckpt_dir), f"{TRAINER_STATE_FILE} has no valid 'elapsed'")
+    return state
+
+
+def read_scheduler_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """scheduler.json as a dict, None when the checkpoint has none."""
+    path = Path(ckpt_dir) / SCHEDULER_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(Path(ckpt_dir), f"{SCHEDULER_FILE} is unreadable", exc) from exc
+    if not isinstance(state, dict):
+        raise _corrupt(Path(ckpt_dir), f"{SCHEDULER_FILE} is not a JSON object")
+    return state
+
+
+def read_weights(ckpt_dir: str | Path, map_location: str | torch.device = "cpu",
+                 verify: bool = True) -> dict[str, torch.Tensor]:
+    """model.safetensors, checked against the manifest (when `verify` and there is one) and for finiteness."""
+    ckpt = Path(ckpt_dir)
+    path = ckpt / MODEL_FILE
+    if not path.is_file() and is_sharded(ckpt):
+        raise FileNotFoundError(f"{ckpt} holds sharded weights only: write {MODEL_FILE} with "
+                                f"`megalodon-lm consolidate {ckpt.parent.parent}`")
+    if not path.is_file():
+        raise FileNotFoundError(f"no model weights ({MODEL_FILE}) in {ckpt}")
+    if verify:
+        verify_manifest(ckpt, [MODEL_FILE])
+    try:
+        weights = load_file(str(path), device=_device_str(map_location))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise _corrupt(ckpt, f"{MODEL_FILE} is unreadable", exc) from exc
+    bad = first_non_finite(weights)
+    if bad is not None:
+        raise _corrupt(ckpt, f"{MODEL_FILE} holds NaN or infinity ({bad})")
+    return weights
+
+
+def _load_strict(ckpt: Path, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys or shapes: not the model of model_config.json
+        first = (str(exc).strip().splitlines() or ["?"])[-1].strip()
+        raise CheckpointMismatchError(f"checkpoint {ckpt}: {MODEL_FILE} does not fit the model ({first})") from exc
+
+
 def load_model_weights(ckpt_dir: str | Path, model: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
-    """Load a checkpoint's model.safetensors strictly into `model` (no RNG or optimizer side effects)."""
-    path = Path(ckpt_dir) / MODEL_FILE
-    if not path.is_file() and is_sharded(ckpt_dir):
-        raise FileNotFoundError(f"{Path(ckpt_dir)} holds sharded weights only: write {MODEL_FILE} with "
-                                f"`megalodon-lm consolidate {Path(ckpt_dir).parent.parent}`")
-    if not path.is_file():
-        raise FileNotFoundError(f"no model weights ({MODEL_FILE}) in {Path(ckpt_dir)}")
-    model.load_state_dict(load_file(str(path), device=_device_str(map_location)), strict=True)
+    """Load a checkpoint's model.safetensors strictly into `model` (no RNG or optimizer side effects).
+
+    The file is verified against the manifest and must hold finite values (`CorruptCheckpointError`)."""
+    _load_strict(Path(ckpt_dir), model, read_weights(ckpt_dir, map_location))
 
 
-def _restore_rng(path: Path) -> None:
+def _read_rng_file(ckpt: Path, name: str = RNG_FILE) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's RNG-state file (None when absent), checked to hold byte tensors."""
+    path = ckpt / name
     if not path.is_file():
-        return
-    states = load_file(str(path))
-    if "cpu" in states:
-        torch.set_rng_state(states["cpu"])
-    if torch.cuda.is_available():
-        # A checkpoint from a machine with more GPUs restores the devices that exist here.
-        for i in range(torch.cuda.device_count()):
-            if f"cuda:{i}" in states:
-                torch.cuda.set_rng_state(states[f"cuda:{i}"], i)
+        return None
+    try:
+        states = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise _corrupt(ckpt, f"{name} is unreadable", exc) from exc
+    if any(t.dtype != torch.uint8 or t.dim() != 1 for t in states.values()):
+        raise _corrupt(ckpt, f"{name} does not hold RNG states")
+    return states
+
+
+def restore_rng(states: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """Set the CPU (and the existing CUDA devices') RNG states saved in a checkpoint."""
+    try:
+        if "cpu" in states:
+            torch.set_rng_state(states["cpu"])
+        if torch.cuda.is_available():
+            # A checkpoint from a machine with more GPUs restores the devices that exist here.
+            for i in range(torch.cuda.device_count()):
+                if f"cuda:{i}" in states:
+                    torch.cuda.set_rng_state(states[f"cuda:{i}"], i)
+    except RuntimeError as exc:
+        raise _corrupt(ckpt, f"{RNG_FILE} does not hold valid RNG states", exc) from exc
+
+
+def _read_optimizer(ckpt: Path, map_location) -> dict[str, Any]:
+    opt_path = ckpt / OPTIMIZER_FILE
+    if not opt_path.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} has no optimizer state ({OPTIMIZER_FILE})")
+    try:
+        state = torch.load(opt_path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated/empty (EOFError, RuntimeError), or a non-tensor global (UnpicklingError)
+        raise _corrupt(ckpt, f"{OPTIMIZER_FILE} is unreadable", exc) from exc
+    if not isinstance(state, dict) or "param_groups" not in state:
+        raise _corrupt(ckpt, f"{OPTIMIZER_FILE} is not an optimizer state")
+    bad = first_non_finite(optimizer_tensors(state))
+    if bad is not None:
+        raise _corrupt(ckpt, f"{OPTIMIZER_FILE} holds NaN or infinity ({bad})")
+    return state
 
 
 def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Restore weights (strict), optimizer state and RNG states; return (trainer_state, scheduler_state).
 
-    Nothing is unpickled beyond tensors and plain containers (torch.load with weights_only=True).
+    Every file is checked first (manifest, JSON structure, finite tensors): a damaged checkpoint raises
+    `CorruptCheckpointError` (one line) before the model, optimizer or RNG is touched. Nothing is unpickled
+    beyond tensors and plain containers (torch.load with weights_only=True).
     """
     ckpt = Path(ckpt_dir)
     if not _is_complete(ckpt):
         raise FileNotFoundError(f"not a complete checkpoint directory: {ckpt}")
-    load_model_weights(ckpt, model, map_location)
+    verify_manifest(ckpt, present=[MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE, RNG_FILE])
+    trainer_state, scheduler_state = read_trainer_state(ckpt), read_scheduler_state(ckpt)
+    weights = read_weights(ckpt, map_location, verify=False)
+    opt_state = _read_optimizer(ckpt, map_location) if optimizer is not None else None
+    rng = _read_rng_file(ckpt)
+    _load_strict(ckpt, model, weights)
     if optimizer is not None:
-        opt_path = ckpt / OPTIMIZER_FILE
-        if not opt_path.is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt} has no optimizer state ({OPTIMIZER_FILE})")
-        optimizer.load_state_dict(torch.load(opt_path, map_location=map_location, weights_only=True))
-    _restore_rng(ckpt / RNG_FILE)
-    trainer_state = json.loads((ckpt / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
-    sched_path = ckpt / SCHEDULER_FILE
-    scheduler_state = json.loads(sched_path.read_text(encoding="utf-8")) if sched_path.is_file() else None
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise _corrupt(ckpt, f"{OPTIMIZER_FILE} does not fit the model's parameters", exc) from exc
+    if rng is not None:
+        restore_rng(rng, ckpt)
     return trainer_state, scheduler_state
+
+
+def check_checkpoint(ckpt_dir: str | Path) -> None:
+    """Verify a checkpoint without loading it into a model: the manifest (all files), the trainer state, and
+    finite weights when it has a single-file model (CorruptCheckpointError otherwise)."""
+    ckpt = Path(ckpt_dir)
+    verify_manifest(ckpt, present=[n for n in checkpoint_files(ckpt) if n != MODEL_FILE or not is_sharded(ckpt)])
+    check_resume_state(ckpt, read_trainer_state(ckpt))
+    read_scheduler_state(ckpt)
+    if (ckpt / MODEL_FILE).is_file():
+        read_weights(ckpt, verify=False)
+
+
+def newest_verified_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that passes `check_checkpoint` (the one a failed run can fall back to), or None."""
+    for ckpt in resume_candidates(run_dir):
+        try:
+            check_checkpoint(ckpt)
+        except (CorruptCheckpointError, OSError):
+            continue
+        return ckpt
+    return None
+
+
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in the order a resume tries them: the one `latest` names, then older ones.
+
+    Checkpoints numbered above `latest` are left out: they belong to a stretch of the run that was abandoned
+    (a resume fell back past them) and will be written again.
+    """
+    complete = _complete_checkpoints(Path(run_dir) / CHECKPOINTS_DIR)
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return []
+    limit = {p: step for step, p in complete}[latest]
+    return [latest, *(p for step, p in reversed(complete) if step < limit)]
+
+
+def load_newest_good(run_dir: str | Path, load: Callable[[Path], T],
+                     report: Callable[[str], None]) -> tuple[Path, T]:
+    """`load(checkpoint)` on the newest checkpoint it succeeds on (see `resume_candidates`) -> (checkpoint,
+    result). Each checkpoint refused with `CorruptCheckpointError` is reported in one line, and so is the one
+    finally used; none left is a `CorruptCheckpointError` listing why each failed."""
+    problems = []
+    for ckpt in resume_candidates(run_dir):
+        try:
+            result = load(ckpt)
+        except CorruptCheckpointError as exc:
+            problems.append(str(exc))
+            report(f"warning: {exc}")
+            continue
+        if problems:
+            report(f"resuming from {ckpt.name}, the newest checkpoint that verifies")
+        return ckpt, result
+    raise CorruptCheckpointError(f"no loadable checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}: "
+                                 + "; ".join(problems) if problems else f"no checkpoint in {run_dir}")
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
              step: int | None = None) -> tuple[MegalodonLM, Any]:
     """(model in eval mode on `device`, tokenizer) from a run directory's latest or given-step checkpoint.
 
-    The model is a MegalodonLM, or a LlamaLM for a run of `--arch llama`."""
+    The model is a MegalodonLM, or a LlamaLM for a run of `--arch llama`. A checkpoint that fails verification
+    raises `CorruptCheckpointError` naming the newest verified one to pass as `step` instead."""
     path = Path(run_dir)
     config_path = path / MODEL_CONFIG_FILE
     if not config_path.is_file():
@@ -383,7 +645,25 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     from ..data.tokenizer import load_tokenizer  # lazy: the data module is optional for checkpointing
     from ..models.llama_baseline import model_from_run_dir  # a run of `--arch llama` loads its LlamaLM
 
-    model = model_from_run_dir(path, MegalodonConfig.from_json(config_path))
-    load_model_weights(ckpt, model)
+    try:
+        mcfg = MegalodonConfig.from_json(config_path)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {config_path}: {exc}") from exc
+    model = model_from_run_dir(path, mcfg)
+    try:
+        load_model_weights(ckpt, model)
+    except CorruptCheckpointError as exc:
+        good = [c for c in resume_candidates(path) if c != ckpt and _verified_weights(c)]
+        hint = (f"; the newest verified checkpoint is {good[0].name} (use --step {int(good[0].name[5:])})"
+                if good else "; no verified checkpoint is left")
+        raise CorruptCheckpointError(f"{exc}{hint}") from exc
     model.eval().to(device)
     return model, load_tokenizer(path / TOKENIZER_DIR)
+
+
+def _verified_weights(ckpt: Path) -> bool:
+    try:
+        read_weights(ckpt)
+    except (CorruptCheckpointError, OSError):
+        return False
+    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -27,18 +28,25 @@ from ..data.tokenizer import load_tokenizer, save_tokenizer
 from ..generation.decoding import generate
 from ..models import MegalodonConfig, MegalodonLM
 from ..models.llama_baseline import LlamaLM, arch_config, build_model, sample_llama_text, save_arch
-from ..runtime import tune_cpu_allocator
+from ..outputs import check_output_dir
+from ..runtime import set_threads, tune_cpu_allocator
 from .checkpoint import (
+    check_resume_state,
     init_run_dir,
     is_sharded,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    load_newest_good,
+    newest_verified_checkpoint,
     save_checkpoint,
 )
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
+from .manifest import NonFiniteError
+from .memory import check_memory, estimate_training_memory
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics
 from .progress import Progress
+from .run_lock import lock_run_dir
 from .schedule import WarmupCosine
 
 # With --max-time, the schedule's horizon is fixed once the warm-up ends (the warm-up does not depend on
@@ -161,27 +169,43 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if not is_torchrun():
         if cfg.chunk_parallel > 1:
             raise ValueError("--chunk-parallel needs several processes: launch with torchrun (docs/distributed.md)")
-        return _run_training(cfg, None)
+        with contextlib.ExitStack() as hold:  # holds the run directory's lock until the run is over
+            return _run_training(cfg, None, hold)
     from ..distributed.run import DistributedRun
 
     drun = DistributedRun(cfg)
     try:
-        return _run_training(cfg, drun)
+        with contextlib.ExitStack() as hold:
+            return _run_training(cfg, drun, hold)
     finally:
         drun.close()
 
 
-def _run_training(cfg: TrainConfig, drun) -> TrainResult:
+def _check_memory(cfg: TrainConfig, mcfg: MegalodonConfig, device: torch.device, drun) -> None:
+    """Refuse a model that cannot fit before building it (training/memory.py); --no-memory-check skips this."""
+    if not cfg.memory_check:
+        return
+    batch, shards, processes = cfg.batch_size, 1, 1
+    if drun is not None:
+        shards = drun.ctx.world_size if drun.kind == "fsdp" else 1
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    estimate = estimate_training_memory(mcfg, batch, cfg.seq_len, bf16=cfg.dtype == "bf16",
+                                        activation_checkpointing=cfg.activation_checkpointing, shards=shards)
+    check_memory(estimate, device, processes, what=f"preset {cfg.preset!r} at --batch-size {batch} --seq-len "
+                                                   f"{cfg.seq_len}")
+
+
+def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainResult:
     main = drun is None or drun.is_main
     device = _pick_device(cfg.device) if drun is None else drun.device
     if device.type == "cpu":
         tune_cpu_allocator()  # see megalodon_lm.runtime: keeps long-sequence steps from re-faulting memory
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     budget = parse_duration(cfg.max_time) if cfg.max_time else None
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.resume)
 
     # ---- everything that can fail on bad input happens before any training
+    check_output_dir(run_dir, "--out")  # before tokenizing: a file or a read-only place fails now, on every rank
     if cfg.resume and latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
     if cfg.resume and drun is None and is_sharded(latest_checkpoint(run_dir)):
@@ -205,6 +229,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         if cfg.document_masking or cfg.arch != "megalodon":
             raise ValueError("under torchrun only --arch megalodon without --document-masking is supported yet")
         drun.check_model(mcfg)
+    _check_memory(cfg, mcfg, device, drun)
     with contextlib.nullcontext() if drun is None else drun.main_first():  # rank 0 fills the shared cache
         train_data, val_data = build_corpora(sources, tokenizer,
                                              cfg.cache_dir or Path.home() / ".cache" / "megalodon-lm",
@@ -212,9 +237,12 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
     if len(train_data.tokens) < cfg.seq_len + 1:
         raise ValueError(f"training data has {len(train_data.tokens)} tokens, fewer than one window of "
                          f"--seq-len {cfg.seq_len} + 1")
+    lock = lock_run_dir(run_dir, drun)  # the first write: all checks passed. One writer per run directory.
+    if lock is not None:
+        hold.callback(lock.release)
     with contextlib.nullcontext() if drun is None else drun.main_first():
         if main:
-            init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)  # the first write: all checks passed
+            init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)
             if not cfg.resume:
                 save_tokenizer(tokenizer, run_dir / "tokenizer")
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
@@ -239,10 +267,12 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
 
         metrics = NullMetrics()
     if cfg.resume:
-        if drun is None:
-            state, sched_state = load_checkpoint(latest_checkpoint(run_dir), model, optimizer)
-        else:
-            state, sched_state = drun.load(latest_checkpoint(run_dir), optimizer)
+        # A checkpoint that fails verification is reported and the one before it is used.
+        def load(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+            loaded = load_checkpoint(ckpt, model, optimizer) if drun is None else drun.load(ckpt, optimizer)
+            return check_resume_state(ckpt, loaded[0]), loaded[1]
+
+        _, (state, sched_state) = load_newest_good(run_dir, load, _report if main else (lambda line: None))
         if sched_state:
             schedule.load_state_dict(sched_state)
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -264,10 +294,13 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
                 "seed": cfg.seed, "max_steps": cfg.max_steps}
 
     def save() -> Path:
-        if drun is not None:
-            return drun.save(run_dir, step, optimizer, schedule.state_dict(), trainer_state(), cfg.keep_last)
-        return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
-                               keep_last=cfg.keep_last)
+        try:
+            if drun is not None:
+                return drun.save(run_dir, step, optimizer, schedule.state_dict(), trainer_state(), cfg.keep_last)
+            return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
+                                   keep_last=cfg.keep_last)
+        except NonFiniteError as exc:
+            raise TrainingError(f"{exc}; stopping. The last good checkpoint is kept: {_last_good(run_dir)}") from exc
 
     t_session = time.perf_counter()
 
@@ -316,7 +349,8 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
             else:
                 last_loss = drun.backward(train_data, step, autocast)
                 _check_finite(last_loss, step, run_dir)
-            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            # grad_clip 0 = no clipping: an infinite threshold still measures the norm for the log
+            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -391,11 +425,20 @@ def _grad_norm(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def _report(line: str) -> None:
+    print(f"megalodon-lm: {line}", file=sys.stderr, flush=True)
+
+
+def _last_good(run_dir: Path) -> str:
+    """The newest checkpoint that verifies (manifest, finite weights): what a resume would continue from."""
+    good = newest_verified_checkpoint(run_dir)
+    return str(good) if good is not None else "none saved yet"
+
+
 def _check_finite(loss: float, step: int, run_dir: Path) -> None:
     if not math.isfinite(loss):
-        last = latest_checkpoint(run_dir)
         raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; stopping. The last good checkpoint is "
-                            f"kept: {last if last else 'none saved yet'}")
+                            f"kept: {_last_good(run_dir)}")
 
 
 def _optimizer_step(step_fn, data, cfg: TrainConfig, step: int, device: torch.device, autocast, run_dir: Path) -> float:
@@ -415,9 +458,8 @@ def _optimizer_step(step_fn, data, cfg: TrainConfig, step: int, device: torch.de
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100,
                                reduction="sum") / n_scored
         if not torch.isfinite(loss.detach()):
-            last = latest_checkpoint(run_dir)
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step + 1}; stopping. The last "
-                                f"good checkpoint is kept: {last if last else 'none saved yet'}")
+                                f"good checkpoint is kept: {_last_good(run_dir)}")
         loss.backward()
         total += float(loss.detach())
     return total
