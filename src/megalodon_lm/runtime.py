@@ -10,8 +10,7 @@ rather than returned) and a no-op where glibc is absent. jemalloc or tcmalloc vi
 `set_threads()` picks the torch CPU thread count of train, generate, eval (and any serving command): the
 CPUs this process may actually use, never more. torch's own default is the machine's core count, which in a
 container limited to fewer CPUs (a cgroup quota) or pinned to a few cores (taskset) oversubscribes them: every
-parallel region then waits for threads the scheduler cannot run, and a forward pass was measured 35x slower
-with 2 threads than with 1 on a loaded machine.
+parallel region then waits for threads the scheduler cannot run (docs/reliability.md §8).
 """
 
 from __future__ import annotations

@@ -171,3 +171,30 @@ def test_optimizer_file_payload_is_refused(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="optimizer.pt is unreadable"):
         load_checkpoint(ckpt, model, optimizer)
     assert not marker.exists()
+
+
+def test_resume_path_under_a_process_group_runs_nothing(tmp_path):
+    """`torchrun ... train --resume` loads through `load_sharded`: a payload there is refused on every rank
+    (here a one-process gloo group) in one line, before anything is restored."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from megalodon_lm.distributed.checkpoint_dcp import load_sharded
+
+    run = _sharded_run(tmp_path, manifest=False)
+    ckpt = run / "checkpoints" / "step_00000001"
+    marker = tmp_path / "marker"
+    _plant_metadata_payload(ckpt, marker)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = _Module(MegalodonLM(MegalodonConfig.from_preset("nano", **CONFIG)))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        ctx = SimpleNamespace(is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
+        with pytest.raises(UnsafeCheckpointError, match=r"refusing to load .*\.metadata") as info:
+            load_sharded(ckpt, model, torch.optim.AdamW(model.parameters()), ctx)
+        assert "\n" not in str(info.value)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    finally:
+        dist.destroy_process_group()
+    assert not marker.exists()

@@ -100,10 +100,20 @@ def read_metadata(path: str | Path) -> Metadata:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """`FileSystemReader` whose ``.metadata`` goes through `read_metadata` (no arbitrary unpickling)."""
+    """`FileSystemReader` whose ``.metadata`` goes through `read_metadata` (no arbitrary unpickling).
+
+    metadata: the checkpoint's metadata already read by `read_metadata` (`safe_load` reads it first, so that a
+    refusal is raised as such: DCP's load swallows a reader's exception and retries with per-rank metadata)."""
+
+    def __init__(self, path: str | Path, metadata: Metadata | None = None) -> None:
+        super().__init__(path)
+        self._metadata = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(self._get_metadata_path(kwargs.get("rank")))
+        if self._metadata is not None and kwargs.get("rank") is None:
+            metadata = self._metadata
+        else:
+            metadata = read_metadata(self._get_metadata_path(kwargs.get("rank")))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -142,9 +152,10 @@ def safe_load(state_dict: dict[str, Any], checkpoint_dir: str | Path, **kwargs: 
     """`dcp.load` with `SafeFileSystemReader` and `SafeLoadPlanner` (kwargs: no_dist, process_group, ...).
 
     Any failure is a `CorruptCheckpointError` with one line (DCP itself reports one traceback per rank)."""
+    metadata = read_metadata(Path(checkpoint_dir) / ".metadata")  # refused or damaged: raised here, one line
     try:
-        dcp.load(state_dict, storage_reader=SafeFileSystemReader(str(checkpoint_dir)), planner=SafeLoadPlanner(),
-                 **kwargs)
+        dcp.load(state_dict, storage_reader=SafeFileSystemReader(str(checkpoint_dir), metadata),
+                 planner=SafeLoadPlanner(), **kwargs)
     except CheckpointException as exc:
         cause = root_cause(exc)
         if isinstance(cause, CorruptCheckpointError):

@@ -19,9 +19,12 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from ..runtime import available_cpus
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -48,6 +51,14 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def digests(paths: list[Path]) -> list[tuple[int, str]]:
+    """`file_digest` of each path, several files at once (hashlib releases the GIL on large reads)."""
+    if len(paths) <= 1:
+        return [file_digest(p) for p in paths]
+    with ThreadPoolExecutor(min(len(paths), available_cpus(), 8)) as pool:
+        return list(pool.map(file_digest, paths))
+
+
 def checkpoint_files(ckpt_dir: Path) -> list[str]:
     """Relative POSIX paths of every regular file under `ckpt_dir` but the manifest and .tmp-* debris."""
     names = []
@@ -66,13 +77,11 @@ def write_manifest(ckpt_dir: str | Path, known: Mapping[str, dict] | None = None
     instead of hashing those files again.
     """
     ckpt = Path(ckpt_dir)
-    files = {}
-    for name in checkpoint_files(ckpt):
-        if known and name in known:
-            files[name] = dict(known[name])
-        else:
-            size, digest = file_digest(ckpt / name)
-            files[name] = {"size": size, "sha256": digest}
+    names = checkpoint_files(ckpt)
+    todo = [n for n in names if not (known and n in known)]
+    files = {n: dict(known[n]) for n in names if known and n in known}
+    for name, (size, digest) in zip(todo, digests([ckpt / n for n in todo]), strict=True):
+        files[name] = {"size": size, "sha256": digest}
     path = ckpt / MANIFEST_FILE
     tmp = ckpt / f"{_TMP_PREFIX}{MANIFEST_FILE}-{os.getpid()}"
     try:
@@ -123,14 +132,14 @@ def verify_manifest(ckpt_dir: str | Path, names: Iterable[str] | None = None, pr
     for name in present:
         if name not in files and (ckpt / name).is_file():
             raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt: {name} is not in its manifest")
-    for name in sorted(files) if names is None else names:
-        entry = files.get(name)
-        if entry is None:
+    wanted = sorted(files) if names is None else list(names)
+    for name in wanted:
+        if name not in files:
             raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt: {name} is not in its manifest")
-        path = ckpt / name
-        if not path.is_file():
+        if not (ckpt / name).is_file():
             raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt: {name} is missing")
-        size, digest = file_digest(path)
+    for name, (size, digest) in zip(wanted, digests([ckpt / n for n in wanted]), strict=True):
+        entry = files[name]
         if size != entry["size"]:
             raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt: {name} has {size:,} bytes, its manifest "
                                          f"says {entry['size']:,} (truncated or modified)")
