@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 
-from megalodon_lm.training.checkpoint import check_checkpoint, latest_checkpoint, list_checkpoints
+from megalodon_lm.training.checkpoint import latest_checkpoint, list_checkpoints
+from megalodon_lm.training.fallback import check_checkpoint
 
 from .helpers import STEPS, final_weights, one_error_line, read_only, run_cli, train_argv, tree
 
@@ -108,7 +109,7 @@ def test_read_only_output_dir(tmp_path, text_file, cache_dir, capsys):
     with read_only(ro):
         code, _, err = run_cli(train_argv(text_file, ro / "run", fresh_cache), capsys)
     assert code == 2
-    one_error_line(err, rf"--out {ro / 'run'}: cannot write in {ro} \(")
+    one_error_line(err, rf"output directory {ro / 'run'}: cannot write in {ro} \(")
     assert not (ro / "run").exists()
     assert not fresh_cache.exists()  # refused before tokenizing: nothing written anywhere
 

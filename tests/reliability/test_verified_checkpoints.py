@@ -17,14 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megalodon_lm.training import TrainingError
-from megalodon_lm.training.checkpoint import (
-    check_checkpoint,
-    latest_checkpoint,
-    list_checkpoints,
-    load_run,
-    newest_verified_checkpoint,
-    save_checkpoint,
-)
+from megalodon_lm.training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from megalodon_lm.training.fallback import check_checkpoint, newest_verified_checkpoint
+from megalodon_lm.training.loading import load_run
 from megalodon_lm.training.manifest import MANIFEST_FILE, CorruptCheckpointError, NonFiniteError
 from megalodon_lm.training.trainer import _check_finite
 

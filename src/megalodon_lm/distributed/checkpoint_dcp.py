@@ -40,7 +40,6 @@ from ..training.checkpoint import (
     TRAINER_STATE_FILE,
     CheckpointWriteError,
     _fsync_path,
-    _read_rng_file,
     _remove,
     _rng_tensors,
     _step_dir_name,
@@ -49,12 +48,10 @@ from ..training.checkpoint import (
     is_sharded,
     latest_checkpoint,
     publish_checkpoint,
-    read_scheduler_state,
-    read_trainer_state,
     remove_debris,
-    restore_rng,
     unaliased_cpu,
 )
+from ..training.loading import read_rng_file, read_scheduler_state, read_trainer_state, restore_rng
 from ..training.manifest import (
     CorruptCheckpointError,
     NonFiniteError,
@@ -196,7 +193,7 @@ def load_sharded(ckpt_dir: str | Path, module: torch.nn.Module, optimizer: torch
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = ckpt / _rng_file(ctx.rank)
     if trainer_state.get("world_size") == ctx.world_size and rng.is_file():
-        restore_rng(_read_rng_file(ckpt, rng.name), ckpt)
+        restore_rng(read_rng_file(ckpt, rng.name), ckpt)
     return trainer_state, read_scheduler_state(ckpt)
 
 

@@ -132,7 +132,7 @@ class DistributedRun:
         model = None
         if self.is_main:
             consolidate(ckpt)
-            from ..training.checkpoint import load_model_weights
+            from ..training.loading import load_model_weights
 
             model = MegalodonLM(unwrap(self.module).model.config)
             load_model_weights(ckpt, model)

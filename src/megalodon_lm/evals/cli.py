@@ -101,7 +101,7 @@ def _check_args(args: argparse.Namespace) -> list[int | None]:
 
 def run_eval_ppl(args: argparse.Namespace) -> int:
     """Handler of `megalodon-lm eval ppl`: table to stdout, optional JSON and plot. Returns 0."""
-    from ..training.checkpoint import load_run  # lazy: keeps `--help` fast
+    from ..training.loading import load_run  # lazy: keeps `--help` fast
 
     contexts = _check_args(args)
     set_threads(args.threads)

@@ -18,7 +18,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     """Export a run's latest (or given-step) checkpoint and tokenizer as a transformers directory."""
     from ..data.tokenizer import save_tokenizer
     from ..outputs import check_output_dir
-    from ..training.checkpoint import load_run
+    from ..training.loading import load_run
     from .configuration import MegalodonHFConfig
     from .modeling import MegalodonForCausalLM
 

@@ -27,8 +27,8 @@ process and of processes that no longer run (never another live process's). Only
 lock (rank 0 under torchrun) saves into a run directory. A save that fails (a full disk) removes its partial
 directory and raises `CheckpointWriteError`: the previous checkpoint stays as it was.
 
-Loading verifies the manifest and that the weights are finite (`CorruptCheckpointError` otherwise, one line);
-checkpoints written before manifests existed load unverified, with the finiteness check.
+Loading (training.loading) verifies the manifest and that the weights are finite (`CorruptCheckpointError`
+otherwise, one line); checkpoints written before manifests existed load unverified, with the finiteness check.
 """
 
 from __future__ import annotations
@@ -38,24 +38,18 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..models import MegalodonConfig, MegalodonLM
+from ..models import MegalodonConfig
 from .manifest import (
-    CorruptCheckpointError,
     NonFiniteError,
-    checkpoint_files,
     first_non_finite,
-    is_finite_number,
-    optimizer_tensors,
-    verify_manifest,
     write_manifest,
 )
 
@@ -77,12 +71,7 @@ SHARDED_DIR = "dcp"  # torch.distributed.checkpoint shards of a distributed run 
 TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"step_(\d+)")
 _DEBRIS_PID_RE = re.compile(r"-(\d+)$")  # .tmp-<what>-<pid of the writing process>
-_LOW_DISK = 64 << 20
-T = TypeVar("T")  # below this many free bytes, a failed write is reported as a full disk
-
-
-class CheckpointMismatchError(CorruptCheckpointError, RuntimeError):
-    """Weights whose names or shapes do not fit the model (another architecture, or a damaged config)."""
+_LOW_DISK = 64 << 20  # below this many free bytes, a failed write is reported as a full disk
 
 
 class CheckpointWriteError(ValueError):
@@ -411,259 +400,14 @@ def publish_checkpoint(tmp: Path, ckpt_root: Path, name: str, keep_last: int) ->
     return final
 
 
-# ---------------------------------------------------------------------- loading
-def _device_str(device: str | torch.device) -> str:
-    return str(torch.device(device))
+# Loading lives in training/loading.py; its entry points stay importable from here.
+_LOADING = frozenset({"load_checkpoint", "load_model_weights", "load_run", "read_weights", "read_trainer_state",
+                      "read_scheduler_state", "CheckpointMismatchError"})
 
 
-def _corrupt(ckpt: Path, what: str, exc: BaseException | None = None) -> CorruptCheckpointError:
-    detail = "" if exc is None else f" ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})"
-    return CorruptCheckpointError(f"checkpoint {ckpt} is corrupt: {what}{detail}")
+def __getattr__(name: str) -> Any:
+    if name in _LOADING:
+        from . import loading
 
-
-def read_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
-    """trainer_state.json as a dict (CorruptCheckpointError when unreadable or not a JSON object)."""
-    ckpt = Path(ckpt_dir)
-    try:
-        state = json.loads((ckpt / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(ckpt, f"{TRAINER_STATE_FILE} is unreadable", exc) from exc
-    if not isinstance(state, dict):
-        raise _corrupt(ckpt, f"{TRAINER_STATE_FILE} is not a JSON object")
-    return state
-
-
-def check_resume_state(ckpt_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
-    """The trainer state of a checkpoint a run resumes from: it must hold the step, tokens and elapsed time."""
-    for key in ("step", "tokens"):
-        if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
-            raise _corrupt(Path(ckpt_dir), f"{TRAINER_STATE_FILE} has no valid {key!r}")
-    if not is_finite_number(state.get("elapsed")) or state["elapsed"] < 0:
-        raise _corrupt(Path(ckpt_dir), f"{TRAINER_STATE_FILE} has no valid 'elapsed'")
-    return state
-
-
-def read_scheduler_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
-    """scheduler.json as a dict, None when the checkpoint has none."""
-    path = Path(ckpt_dir) / SCHEDULER_FILE
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(Path(ckpt_dir), f"{SCHEDULER_FILE} is unreadable", exc) from exc
-    if not isinstance(state, dict):
-        raise _corrupt(Path(ckpt_dir), f"{SCHEDULER_FILE} is not a JSON object")
-    return state
-
-
-def read_weights(ckpt_dir: str | Path, map_location: str | torch.device = "cpu",
-                 verify: bool = True) -> dict[str, torch.Tensor]:
-    """model.safetensors, checked against the manifest (when `verify` and there is one) and for finiteness."""
-    ckpt = Path(ckpt_dir)
-    path = ckpt / MODEL_FILE
-    if not path.is_file() and is_sharded(ckpt):
-        raise FileNotFoundError(f"{ckpt} holds sharded weights only: write {MODEL_FILE} with "
-                                f"`megalodon-lm consolidate {ckpt.parent.parent}`")
-    if not path.is_file():
-        raise FileNotFoundError(f"no model weights ({MODEL_FILE}) in {ckpt}")
-    if verify:
-        verify_manifest(ckpt, [MODEL_FILE])
-    try:
-        weights = load_file(str(path), device=_device_str(map_location))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise _corrupt(ckpt, f"{MODEL_FILE} is unreadable", exc) from exc
-    bad = first_non_finite(weights)
-    if bad is not None:
-        raise _corrupt(ckpt, f"{MODEL_FILE} holds NaN or infinity ({bad})")
-    return weights
-
-
-def _load_strict(ckpt: Path, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    try:
-        module.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:  # missing/unexpected keys or shapes: not the model of model_config.json
-        first = (str(exc).strip().splitlines() or ["?"])[-1].strip()
-        raise CheckpointMismatchError(f"checkpoint {ckpt}: {MODEL_FILE} does not fit the model ({first})") from exc
-
-
-def load_model_weights(ckpt_dir: str | Path, model: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
-    """Load a checkpoint's model.safetensors strictly into `model` (no RNG or optimizer side effects).
-
-    The file is verified against the manifest and must hold finite values (`CorruptCheckpointError`)."""
-    _load_strict(Path(ckpt_dir), model, read_weights(ckpt_dir, map_location))
-
-
-def _read_rng_file(ckpt: Path, name: str = RNG_FILE) -> dict[str, torch.Tensor] | None:
-    """A checkpoint's RNG-state file (None when absent), checked to hold byte tensors."""
-    path = ckpt / name
-    if not path.is_file():
-        return None
-    try:
-        states = load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise _corrupt(ckpt, f"{name} is unreadable", exc) from exc
-    if any(t.dtype != torch.uint8 or t.dim() != 1 for t in states.values()):
-        raise _corrupt(ckpt, f"{name} does not hold RNG states")
-    return states
-
-
-def restore_rng(states: dict[str, torch.Tensor], ckpt: Path) -> None:
-    """Set the CPU (and the existing CUDA devices') RNG states saved in a checkpoint."""
-    try:
-        if "cpu" in states:
-            torch.set_rng_state(states["cpu"])
-        if torch.cuda.is_available():
-            # A checkpoint from a machine with more GPUs restores the devices that exist here.
-            for i in range(torch.cuda.device_count()):
-                if f"cuda:{i}" in states:
-                    torch.cuda.set_rng_state(states[f"cuda:{i}"], i)
-    except RuntimeError as exc:
-        raise _corrupt(ckpt, f"{RNG_FILE} does not hold valid RNG states", exc) from exc
-
-
-def _read_optimizer(ckpt: Path, map_location) -> dict[str, Any]:
-    opt_path = ckpt / OPTIMIZER_FILE
-    if not opt_path.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} has no optimizer state ({OPTIMIZER_FILE})")
-    try:
-        state = torch.load(opt_path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated/empty (EOFError, RuntimeError), or a non-tensor global (UnpicklingError)
-        raise _corrupt(ckpt, f"{OPTIMIZER_FILE} is unreadable", exc) from exc
-    if not isinstance(state, dict) or "param_groups" not in state:
-        raise _corrupt(ckpt, f"{OPTIMIZER_FILE} is not an optimizer state")
-    bad = first_non_finite(optimizer_tensors(state))
-    if bad is not None:
-        raise _corrupt(ckpt, f"{OPTIMIZER_FILE} holds NaN or infinity ({bad})")
-    return state
-
-
-def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore weights (strict), optimizer state and RNG states; return (trainer_state, scheduler_state).
-
-    Every file is checked first (manifest, JSON structure, finite tensors): a damaged checkpoint raises
-    `CorruptCheckpointError` (one line) before the model, optimizer or RNG is touched. Nothing is unpickled
-    beyond tensors and plain containers (torch.load with weights_only=True).
-    """
-    ckpt = Path(ckpt_dir)
-    if not _is_complete(ckpt):
-        raise FileNotFoundError(f"not a complete checkpoint directory: {ckpt}")
-    verify_manifest(ckpt, present=[MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE, RNG_FILE])
-    trainer_state, scheduler_state = read_trainer_state(ckpt), read_scheduler_state(ckpt)
-    weights = read_weights(ckpt, map_location, verify=False)
-    opt_state = _read_optimizer(ckpt, map_location) if optimizer is not None else None
-    rng = _read_rng_file(ckpt)
-    _load_strict(ckpt, model, weights)
-    if optimizer is not None:
-        try:
-            optimizer.load_state_dict(opt_state)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise _corrupt(ckpt, f"{OPTIMIZER_FILE} does not fit the model's parameters", exc) from exc
-    if rng is not None:
-        restore_rng(rng, ckpt)
-    return trainer_state, scheduler_state
-
-
-def check_checkpoint(ckpt_dir: str | Path) -> None:
-    """Verify a checkpoint without loading it into a model: the manifest (all files), the trainer state, and
-    finite weights when it has a single-file model (CorruptCheckpointError otherwise)."""
-    ckpt = Path(ckpt_dir)
-    verify_manifest(ckpt, present=[n for n in checkpoint_files(ckpt) if n != MODEL_FILE or not is_sharded(ckpt)])
-    check_resume_state(ckpt, read_trainer_state(ckpt))
-    read_scheduler_state(ckpt)
-    if (ckpt / MODEL_FILE).is_file():
-        read_weights(ckpt, verify=False)
-
-
-def newest_verified_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint that passes `check_checkpoint` (the one a failed run can fall back to), or None."""
-    for ckpt in resume_candidates(run_dir):
-        try:
-            check_checkpoint(ckpt)
-        except (CorruptCheckpointError, OSError):
-            continue
-        return ckpt
-    return None
-
-
-def resume_candidates(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in the order a resume tries them: the one `latest` names, then older ones.
-
-    Checkpoints numbered above `latest` are left out: they belong to a stretch of the run that was abandoned
-    (a resume fell back past them) and will be written again.
-    """
-    complete = _complete_checkpoints(Path(run_dir) / CHECKPOINTS_DIR)
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        return []
-    limit = {p: step for step, p in complete}[latest]
-    return [latest, *(p for step, p in reversed(complete) if step < limit)]
-
-
-def load_newest_good(run_dir: str | Path, load: Callable[[Path], T],
-                     report: Callable[[str], None]) -> tuple[Path, T]:
-    """`load(checkpoint)` on the newest checkpoint it succeeds on (see `resume_candidates`) -> (checkpoint,
-    result). Each checkpoint refused with `CorruptCheckpointError` is reported in one line, and so is the one
-    finally used; none left is a `CorruptCheckpointError` listing why each failed."""
-    problems = []
-    for ckpt in resume_candidates(run_dir):
-        try:
-            result = load(ckpt)
-        except CorruptCheckpointError as exc:
-            problems.append(str(exc))
-            report(f"warning: {exc}")
-            continue
-        if problems:
-            report(f"resuming from {ckpt.name}, the newest checkpoint that verifies")
-        return ckpt, result
-    raise CorruptCheckpointError(f"no loadable checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}: "
-                                 + "; ".join(problems) if problems else f"no checkpoint in {run_dir}")
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
-             step: int | None = None) -> tuple[MegalodonLM, Any]:
-    """(model in eval mode on `device`, tokenizer) from a run directory's latest or given-step checkpoint.
-
-    The model is a MegalodonLM, or a LlamaLM for a run of `--arch llama`. A checkpoint that fails verification
-    raises `CorruptCheckpointError` naming the newest verified one to pass as `step` instead."""
-    path = Path(run_dir)
-    config_path = path / MODEL_CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path} is not a megalodon-lm run directory (no {MODEL_CONFIG_FILE})")
-    _read_run_info(path)
-    if step is None:
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint in {path / CHECKPOINTS_DIR}")
-    else:
-        ckpt = path / CHECKPOINTS_DIR / _step_dir_name(step)
-        if not _is_complete(ckpt):
-            steps = [s for s, _ in _complete_checkpoints(path / CHECKPOINTS_DIR)]
-            raise FileNotFoundError(f"no complete checkpoint for step {step} in {path} (available steps: {steps})")
-
-    from ..data.tokenizer import load_tokenizer  # lazy: the data module is optional for checkpointing
-    from ..models.llama_baseline import model_from_run_dir  # a run of `--arch llama` loads its LlamaLM
-
-    try:
-        mcfg = MegalodonConfig.from_json(config_path)
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {config_path}: {exc}") from exc
-    model = model_from_run_dir(path, mcfg)
-    try:
-        load_model_weights(ckpt, model)
-    except CorruptCheckpointError as exc:
-        good = [c for c in resume_candidates(path) if c != ckpt and _verified_weights(c)]
-        hint = (f"; the newest verified checkpoint is {good[0].name} (use --step {int(good[0].name[5:])})"
-                if good else "; no verified checkpoint is left")
-        raise CorruptCheckpointError(f"{exc}{hint}") from exc
-    model.eval().to(device)
-    return model, load_tokenizer(path / TOKENIZER_DIR)
-
-
-def _verified_weights(ckpt: Path) -> bool:
-    try:
-        read_weights(ckpt)
-    except (CorruptCheckpointError, OSError):
-        return False
-    return True
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,18 +30,10 @@ from ..models import MegalodonConfig, MegalodonLM
 from ..models.llama_baseline import LlamaLM, arch_config, build_model, sample_llama_text, save_arch
 from ..outputs import check_output_dir
 from ..runtime import set_threads, tune_cpu_allocator
-from .checkpoint import (
-    check_resume_state,
-    init_run_dir,
-    is_sharded,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    load_newest_good,
-    newest_verified_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import init_run_dir, is_sharded, latest_checkpoint, save_checkpoint
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
+from .fallback import check_resume_state, load_newest_good, newest_verified_checkpoint
+from .loading import load_checkpoint, load_model_weights
 from .manifest import NonFiniteError
 from .memory import check_memory, estimate_training_memory
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics
@@ -205,7 +197,7 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.resume)
 
     # ---- everything that can fail on bad input happens before any training
-    check_output_dir(run_dir, "--out")  # before tokenizing: a file or a read-only place fails now, on every rank
+    check_output_dir(run_dir, "output directory")  # before tokenizing: a file or read-only place fails now
     if cfg.resume and latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
     if cfg.resume and drun is None and is_sharded(latest_checkpoint(run_dir)):
