@@ -36,6 +36,16 @@ from .checkpoint import (
 from .manifest import CorruptCheckpointError, first_non_finite, optimizer_tensors, verify_manifest
 
 
+def read_model_config(path: str | Path) -> MegalodonConfig:
+    """A run's model_config.json; unreadable, invalid JSON or invalid fields are a ValueError naming the file."""
+    try:
+        return MegalodonConfig.from_json(Path(path))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+
+
 class CheckpointMismatchError(CorruptCheckpointError, RuntimeError):
     """Weights whose names or shapes do not fit the model (another architecture, or a damaged config)."""
 
@@ -207,11 +217,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     from ..data.tokenizer import load_tokenizer  # lazy: the data module is optional for checkpointing
     from ..models.llama_baseline import model_from_run_dir  # a run of `--arch llama` loads its LlamaLM
 
-    try:
-        mcfg = MegalodonConfig.from_json(config_path)
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {config_path}: {exc}") from exc
-    model = model_from_run_dir(path, mcfg)
+    model = model_from_run_dir(path, read_model_config(config_path))
     try:
         load_model_weights(ckpt, model)
     except CorruptCheckpointError as exc:

@@ -33,7 +33,7 @@ from ..runtime import set_threads, tune_cpu_allocator
 from .checkpoint import init_run_dir, is_sharded, latest_checkpoint, save_checkpoint
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
 from .fallback import check_resume_state, load_newest_good, newest_verified_checkpoint
-from .loading import load_checkpoint, load_model_weights
+from .loading import load_checkpoint, load_model_weights, read_model_config
 from .manifest import NonFiniteError
 from .memory import check_memory, estimate_training_memory
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics
@@ -97,7 +97,7 @@ def _init_from_config(src: Path, vocab_size: int) -> MegalodonConfig:
     """Fine-tuning keeps the source run's architecture; its vocabulary must match the tokenizer."""
     if latest_checkpoint(src) is None or not (src / "model_config.json").is_file():
         raise FileNotFoundError(f"--init-from: no checkpoint in {src}")
-    mcfg = MegalodonConfig.from_json(src / "model_config.json")
+    mcfg = read_model_config(src / "model_config.json")
     if mcfg.vocab_size != vocab_size:
         raise ValueError(f"--init-from {src}: its vocabulary ({mcfg.vocab_size}) differs from the tokenizer's "
                          f"({vocab_size}); use the source run's tokenizer ({src / 'tokenizer'})")
@@ -205,7 +205,7 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
                          "(any number of processes, 1 included)")
     tokenizer = load_tokenizer(run_dir / "tokenizer") if cfg.resume else load_tokenizer(cfg.tokenizer)
     if cfg.resume:
-        mcfg = MegalodonConfig.from_json(run_dir / "model_config.json")
+        mcfg = read_model_config(run_dir / "model_config.json")
     elif cfg.init_from:
         mcfg = _init_from_config(Path(cfg.init_from), tokenizer.vocab_size)
     else:
