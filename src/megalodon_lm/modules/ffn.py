@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lean import lean_active, prologue_linear
 from .norms import LayerNorm
 
 
@@ -31,13 +32,33 @@ class NormalizedFeedForwardNetwork(nn.Module):
             self.alpha.fill_(0.1 * 0.5**self.layer_id)
 
     def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """y: (B, L, D) output of the MEGA sub-layer; residual: (B, L, D) block input."""
+        """y: (B, L, D) output of the MEGA sub-layer; residual: (B, L, D) block input.
+
+        On the lean path (modules/lean.py) the SiLU activations before fc2 are rebuilt in the backward
+        from fc1's (and fc3's) outputs instead of being stored."""
         u = self.norm(y)
-        hidden = F.silu(self.fc1(u))
-        if self.fc3 is not None:
-            hidden = hidden * self.fc3(u)
-        out = self.fc2(F.dropout(hidden, self.hidden_dropout, self.training))
+        p = self.hidden_dropout if self.training else 0.0
+        pre = (self.fc1(u),) if self.fc3 is None else (self.fc1(u), self.fc3(u))
+        act = _silu if self.fc3 is None else _swiglu
+        if p > 0.0:
+            act = _with_dropout(act, p)
+        if lean_active():
+            out = prologue_linear(act, pre, self.fc2.weight, stochastic=p > 0.0)
+        else:
+            out = self.fc2(act(*pre))
         out = F.dropout(out, self.dropout, self.training)
         if self.alpha is not None:
             out = out * self.alpha
         return residual + out
+
+
+def _silu(a: torch.Tensor) -> torch.Tensor:
+    return F.silu(a)
+
+
+def _swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.silu(a) * b
+
+
+def _with_dropout(act, p: float):
+    return lambda *pre: F.dropout(act(*pre), p, True)
