@@ -89,14 +89,17 @@ def _from_main(value: Any, ctx: DistContext) -> Any:
 
 
 def _main_step(ctx: DistContext, fn) -> None:
-    """Run `fn` on rank 0; a write failure there becomes the same CheckpointWriteError on every rank."""
-    error = ""
+    """Run `fn` on rank 0; a failure there is raised on every rank (rank 0: the original exception, the others:
+    a CheckpointWriteError with its message), so no rank is left waiting in a collective."""
+    error, original = "", None
     if ctx.is_main:
         try:
             fn()
-        except CheckpointWriteError as exc:
-            error = str(exc)
+        except Exception as exc:
+            error, original = str(exc) or type(exc).__name__, exc
     error = _from_main(error, ctx)
+    if original is not None:
+        raise original
     if error:
         raise CheckpointWriteError(error)
 
@@ -163,8 +166,8 @@ def _check_files(ckpt: Path, ctx: DistContext) -> dict[str, Any]:
             verify_manifest(ckpt, present=[n for n in checkpoint_files(ckpt) if n != MODEL_FILE])
             state = read_trainer_state(ckpt)
             read_scheduler_state(ckpt)
-        except CorruptCheckpointError as exc:
-            error = str(exc)
+        except (CorruptCheckpointError, OSError) as exc:  # every rank then raises the same one line
+            error = str(exc) if isinstance(exc, CorruptCheckpointError) else f"cannot read {ckpt}: {exc}"
     error, state = _from_main((error, state), ctx)
     if error:
         raise CorruptCheckpointError(error)
