@@ -59,9 +59,15 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def one_error_line(err: str, pattern: str | None = None) -> str:
-    """The stderr of a failed command: exactly one line, `megalodon-lm: error: ...` (no traceback)."""
+def one_error_line(err: str, pattern: str | None = None, progress: bool = False) -> str:
+    """The stderr of a failed command: exactly one line, `megalodon-lm: error: ...` (no traceback).
+
+    progress: the command also logs progress lines to stderr (eval ppl off a terminal): only its own
+    `megalodon-lm:` lines count, and there must be no traceback."""
+    assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
+    if progress:
+        lines = [line for line in lines if line.startswith("megalodon-lm:")]
     assert len(lines) == 1, f"expected one line, got:\n{err}"
     assert lines[0].startswith("megalodon-lm: error: "), lines[0]
     if pattern is not None:

@@ -52,7 +52,8 @@ def test_second_writer_is_refused_then_a_dead_holders_lock_is_taken_over(run_cop
     before = tree(run_copy)
     holder = _hold_lock(run_copy)
     try:
-        code, _, err = run_cli(train_argv(text_file, run_copy, cache_dir, resume=True), capsys)
+        # a finished run extended by two steps: a resume that has something to write
+        code, _, err = run_cli(train_argv(text_file, run_copy, cache_dir, resume=True, max_steps=STEPS + 2), capsys)
         assert code == 2
         one_error_line(err, rf"run directory .* is in use by another megalodon-lm process \(pid {holder.pid}\)")
         after = tree(run_copy)

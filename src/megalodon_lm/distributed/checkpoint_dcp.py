@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..fileio import save_safetensors
 from ..models import MegalodonConfig, MegalodonLM
 from ..training.checkpoint import (
     CHECKPOINTS_DIR,
@@ -131,7 +131,7 @@ def save_sharded(run_dir: str | Path, step: int, module: torch.nn.Module, optimi
     failure: BaseException | None = None
     try:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
-        save_file(_rng_tensors(), str(tmp / _rng_file(ctx.rank)))
+        save_safetensors(_rng_tensors(), str(tmp / _rng_file(ctx.rank)))
         _fsync_path(tmp / _rng_file(ctx.rank))
     except _WRITE_ERRORS as exc:
         failure = root_cause(exc)
@@ -158,12 +158,14 @@ def save_sharded(run_dir: str | Path, step: int, module: torch.nn.Module, optimi
     return ckpt_root / name
 
 
-def _check_files(ckpt: Path, ctx: DistContext) -> dict[str, Any]:
-    """Rank 0 verifies the manifest and the trainer state; every rank gets the state or the same error."""
+def _check_files(ckpt: Path, ctx: DistContext, verify: bool) -> dict[str, Any]:
+    """Rank 0 verifies the manifest (when `verify`) and the trainer state; every rank gets the state or the same
+    error."""
     error, state = "", None
     if ctx.is_main:
         try:
-            verify_manifest(ckpt, present=[n for n in checkpoint_files(ckpt) if n != MODEL_FILE])
+            if verify:
+                verify_manifest(ckpt, present=[n for n in checkpoint_files(ckpt) if n != MODEL_FILE])
             state = read_trainer_state(ckpt)
             read_scheduler_state(ckpt)
         except (CorruptCheckpointError, OSError) as exc:  # every rank then raises the same one line
@@ -175,17 +177,17 @@ def _check_files(ckpt: Path, ctx: DistContext) -> dict[str, Any]:
 
 
 def load_sharded(ckpt_dir: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 ctx: DistContext) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                 ctx: DistContext, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Collective: restore model and optimizer (resharded to this world size), and this rank's RNG states when
     the checkpoint was written by as many ranks. Returns (trainer_state, scheduler_state).
 
     A damaged checkpoint raises the same `CorruptCheckpointError` on every rank, before or after the load
-    (non-finite values), so a caller can fall back to an older one on all ranks alike."""
+    (non-finite values). verify=False skips the manifest (the caller has just checked it)."""
     ckpt = Path(ckpt_dir)
     if not is_sharded(ckpt):
         raise ValueError(f"{ckpt} is a single-process checkpoint; resume it without torchrun (or start a new "
                          "distributed run from its weights with --init-from)")
-    trainer_state = _check_files(ckpt, ctx)
+    trainer_state = _check_files(ckpt, ctx, verify)
     model_sd, optim_sd = get_state_dict(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     safe_load(state, ckpt / SHARDED_DIR)
@@ -228,7 +230,7 @@ def consolidate(ckpt_dir: str | Path, model_config: MegalodonConfig | None = Non
     out = ckpt / MODEL_FILE
     tmp = ckpt / f"{TMP_PREFIX}{MODEL_FILE}-{os.getpid()}"
     try:
-        save_file(unaliased_cpu(weights), str(tmp), metadata={"format": "pt"})
+        save_safetensors(unaliased_cpu(weights), str(tmp), metadata={"format": "pt"})
         _fsync_path(tmp)
         if files is not None:  # the new file joins the manifest; the others were verified above
             size, digest = file_digest(tmp)

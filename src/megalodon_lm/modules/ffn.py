@@ -1,4 +1,4 @@
-"""Normalised feed-forward network (reference-spec §5) with the two-hop residual."""
+"""Normalised feed-forward network (docs/architecture.md §5) with the two-hop residual."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lean import lean_active, prologue_linear
+from ..ops.fused import silu, swiglu
+from .lean import lean_active, prologue_linear, with_dropout
 from .norms import LayerNorm
 
 
@@ -39,10 +40,10 @@ class NormalizedFeedForwardNetwork(nn.Module):
         u = self.norm(y)
         p = self.hidden_dropout if self.training else 0.0
         pre = (self.fc1(u),) if self.fc3 is None else (self.fc1(u), self.fc3(u))
-        act = _silu if self.fc3 is None else _swiglu
+        act = silu if self.fc3 is None else swiglu  # fused on CUDA (ops/fused)
         if p > 0.0:
-            act = _with_dropout(act, p)
-        if lean_active():
+            act = with_dropout(act, p)
+        if lean_active() and type(self.fc2) is nn.Linear:  # a wrapped fc2 (PEFT LoRA) runs as a module
             out = prologue_linear(act, pre, self.fc2.weight, stochastic=p > 0.0)
         else:
             out = self.fc2(act(*pre))
@@ -51,14 +52,3 @@ class NormalizedFeedForwardNetwork(nn.Module):
             out = out * self.alpha
         return residual + out
 
-
-def _silu(a: torch.Tensor) -> torch.Tensor:
-    return F.silu(a)
-
-
-def _swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.silu(a) * b
-
-
-def _with_dropout(act, p: float):
-    return lambda *pre: F.dropout(act(*pre), p, True)

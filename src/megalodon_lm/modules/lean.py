@@ -111,6 +111,11 @@ class _PrologueLinear(torch.autograd.Function):
         return (None, None, grad_weight, *grads)
 
 
+def with_dropout(fn: Callable, p: float) -> Callable:
+    """fn followed by dropout(p) in training mode: a prologue for `prologue_linear(..., stochastic=True)`."""
+    return lambda *inputs: F.dropout(fn(*inputs), p, True)
+
+
 def prologue_linear(fn: Callable, inputs: Sequence[torch.Tensor], weight: torch.Tensor,
                     stochastic: bool = False) -> torch.Tensor:
     """F.linear(fn(*inputs), weight) (no bias) that stores `inputs` instead of fn's output.

@@ -1,10 +1,9 @@
-"""The MEGA sub-layer in its Megalodon form (reference-spec §4.1): TimestepNorm -> CEMA -> RMSNorm,
+"""The MEGA sub-layer in its Megalodon form (docs/architecture.md §4.1): TimestepNorm -> CEMA -> RMSNorm,
 normalised multi-head chunk attention gated by r, and h = W_h1 mx + W_h2 (O * r) added to the input.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -12,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import chunk_attention
+from ..ops.fused import qk_prep, silu, silu_gate
 from .cema import ComplexEMA
-from .lean import lean_active, prologue_linear, recompute
+from .lean import lean_active, prologue_linear, recompute, with_dropout
 from .norms import RMSNorm
 from .timestep_norm import NormStats, TimestepNorm
 
@@ -74,14 +74,18 @@ class MovingAverageGatedAttention(nn.Module):
         lean = lean_active()
         drop = self.training
         run = recompute if lean else (lambda fn, *args: fn(*args))
-        xn, norm_stats = run(lambda t: self.timenorm(t, None if state is None else state.norm, info.valid,
-                                                     info.cu_seqlens), x)
+        def timenorm(t: torch.Tensor):
+            return self.timenorm(t, None if state is None else state.norm, info.valid, info.cu_seqlens)
+
+        # Without packed documents the lean TimestepNorm has its own backward (stores x and statistics).
+        xn, norm_stats = timenorm(x) if info.cu_seqlens is None else run(timenorm, x)
         mx, cema_h = run(lambda t: self._cema_rmsnorm(t, state, info), xn)
         z_raw, v_raw, r_raw = self.wz(mx), self.wv(xn), self.wr(mx)
         out, cache_k, cache_v = run(lambda z, v: self._attention(z, v, state, info, freqs), z_raw, v_raw)
         p = self.hidden_dropout if drop else 0.0
-        gate = _gate if p == 0.0 else (lambda o, r: F.dropout(_gate(o, r), p, True))
-        if lean:
+        gate = silu_gate if p == 0.0 else with_dropout(silu_gate, p)
+        # A wrapped projection (PEFT LoRA, quantisation) must run as a module: it is more than its .weight.
+        if lean and type(self.wh2) is nn.Linear:
             gated = prologue_linear(gate, (out, r_raw), self.wh2.weight, stochastic=p > 0.0)
         else:
             gated = self.wh2(gate(out, r_raw))
@@ -108,21 +112,11 @@ class MovingAverageGatedAttention(nn.Module):
         per-head RMS-normalised q/k with their affine, SiLU values, chunk attention."""
         B, L, _ = z_raw.shape
         H, dz, dv = self.num_heads, self.head_dim, self.value_head_dim
-        z = z_raw.view(B, L, H, dz)
-        zf = z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
-        z = (zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + self.eps)).to(z.dtype)  # per-head RMS
-        scale = ((self.gamma + 1) / math.sqrt(dz)).view(2, 1, 1, H, dz)
-        offset = self.beta.view(2, 1, 1, H, dz)
-        q, k = (z * scale[0] + offset[0]).to(z.dtype), (z * scale[1] + offset[1]).to(z.dtype)
-        v = F.silu(v_raw).view(B, L, H, dv)
+        q, k = qk_prep(z_raw.view(B, L, H, dz), self.gamma, self.beta, self.eps)  # fused on CUDA (ops/fused)
+        v = silu(v_raw).view(B, L, H, dv)
         return chunk_attention(
             q, k, v, freqs, self.chunk_size, info.offsets,
             None if state is None else state.attn_k, None if state is None else state.attn_v,
             None if info.valid is None else info.lengths, self.attention_dropout if self.training else 0.0,
             info.need_state, cu_seqlens=info.cu_seqlens,
         )
-
-
-def _gate(out: torch.Tensor, r_raw: torch.Tensor) -> torch.Tensor:
-    """Attention output (B, L, H, dv) gated by SiLU(wr(mx)) (B, L, E) -> (B, L, E)."""
-    return out.reshape(r_raw.shape) * F.silu(r_raw)

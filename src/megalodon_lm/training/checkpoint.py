@@ -44,14 +44,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
+from ..fileio import save_safetensors
 from ..models import MegalodonConfig
-from .manifest import (
-    NonFiniteError,
-    first_non_finite,
-    write_manifest,
-)
+from .manifest import NonFiniteError, first_non_finite, write_manifest
 
 RUN_FORMAT_VERSION = 1
 
@@ -351,12 +347,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         ckpt_root.mkdir(parents=True, exist_ok=True)
         remove_debris(ckpt_root)
         tmp.mkdir()
-        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_safetensors(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         if scheduler_state is not None:
             (tmp / SCHEDULER_FILE).write_text(_to_json(scheduler_state), encoding="utf-8")
-        save_file(_rng_tensors(), str(tmp / RNG_FILE))
+        save_safetensors(_rng_tensors(), str(tmp / RNG_FILE))
         # trainer_state.json marks completeness, the manifest (hashes of everything else) comes last.
         (tmp / TRAINER_STATE_FILE).write_text(_to_json(trainer_state), encoding="utf-8")
         for f in tmp.iterdir():

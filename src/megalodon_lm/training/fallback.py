@@ -2,7 +2,7 @@
 
 A resume tries the checkpoint `latest` names, then older ones (`resume_candidates`); each that fails
 verification (manifest, JSON, finite tensors: training.checkpoint / training.manifest) is reported in one
-line and the next is tried (`load_newest_good`). The non-finite-loss message and `load_run`'s hint name the
+line and the next is tried (`choose_resume_checkpoint`). The non-finite-loss message and `load_run`'s hint name the
 newest checkpoint that verifies (`newest_verified_checkpoint`), not merely the newest one.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -22,8 +22,6 @@ from .checkpoint import (
 )
 from .loading import corrupt_error, read_scheduler_state, read_trainer_state, read_weights
 from .manifest import CorruptCheckpointError, checkpoint_files, is_finite_number, verify_manifest
-
-T = TypeVar("T")
 
 
 def check_resume_state(ckpt_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -72,24 +70,26 @@ def resume_candidates(run_dir: str | Path) -> list[Path]:
     return [latest, *(p for step, p in reversed(complete) if step < limit)]
 
 
-def load_newest_good(run_dir: str | Path, load: Callable[[Path], T],
-                     report: Callable[[str], None]) -> tuple[Path, T]:
-    """`load(checkpoint)` on the newest checkpoint it succeeds on (see `resume_candidates`) -> (checkpoint,
-    result). Each checkpoint refused with `CorruptCheckpointError` is reported in one line, and so is the one
-    finally used; none left is a `CorruptCheckpointError` listing why each failed."""
+def choose_resume_checkpoint(run_dir: str | Path, report: Callable[[str], None]) -> Path:
+    """The checkpoint a resume continues from: the first of `resume_candidates` that passes `check_checkpoint`.
+
+    Each one refused is reported in one line (`report("warning: ...")`), and so is the one finally chosen when
+    it is not the newest; none left is a `CorruptCheckpointError` listing why each failed."""
     problems = []
     for ckpt in resume_candidates(run_dir):
         try:
-            result = load(ckpt)
+            check_checkpoint(ckpt)
         except CorruptCheckpointError as exc:
             problems.append(str(exc))
             report(f"warning: {exc}")
             continue
         if problems:
             report(f"resuming from {ckpt.name}, the newest checkpoint that verifies")
-        return ckpt, result
+        return ckpt
+    if not problems:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
     raise CorruptCheckpointError(f"no loadable checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}: "
-                                 + "; ".join(problems) if problems else f"no checkpoint in {run_dir}")
+                                 + "; ".join(problems))
 
 
 def verified_weights(ckpt: Path) -> bool:

@@ -167,7 +167,8 @@ def read_optimizer(ckpt: Path, map_location) -> dict[str, Any]:
 
 
 def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any] | None]:
+                    map_location: str | torch.device = "cpu",
+                    verify: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Restore weights (strict), optimizer state and RNG states; return (trainer_state, scheduler_state).
 
     Every file is checked first (manifest, JSON structure, finite tensors): a damaged checkpoint raises
@@ -177,7 +178,8 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: tor
     ckpt = Path(ckpt_dir)
     if not _is_complete(ckpt):
         raise FileNotFoundError(f"not a complete checkpoint directory: {ckpt}")
-    verify_manifest(ckpt, present=[MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE, RNG_FILE])
+    if verify:  # False: the caller has just verified it (training.fallback.check_checkpoint)
+        verify_manifest(ckpt, present=[MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE, RNG_FILE])
     trainer_state, scheduler_state = read_trainer_state(ckpt), read_scheduler_state(ckpt)
     weights = read_weights(ckpt, map_location, verify=False)
     opt_state = read_optimizer(ckpt, map_location) if optimizer is not None else None
