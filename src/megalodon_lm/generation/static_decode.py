@@ -42,23 +42,14 @@ class StaticDecoder:
             raise ValueError("StaticDecoder needs the model in eval mode (model.eval()): no dropout in decoding")
         cfg = model.config
         self.model, self.chunk_size = model, cfg.chunk_size
-        B, C = state.batch_size, cfg.chunk_size
+        C = cfg.chunk_size
         with torch.no_grad():
             self._coefs = []
             for block in model.layers:
                 c = block.mega.cema.coefficients()
                 self._coefs.append((c.p, c.q.real.contiguous(), c.q.imag.contiguous(), c.eta.real.contiguous(),
                                     c.eta.imag.contiguous(), c.omega))
-        tensors: list[torch.Tensor] = []
-        for ls in state.layers:
-            count, mean, var = ls.norm
-            n = ls.attn_k.shape[1]
-            kb = ls.attn_k.new_zeros(B, C, *ls.attn_k.shape[2:])
-            vb = ls.attn_v.new_zeros(B, C, *ls.attn_v.shape[2:])
-            kb[:, :n], vb[:, :n] = ls.attn_k, ls.attn_v
-            tensors += [count.to(mean.dtype), mean, var, ls.cema.real.contiguous(), ls.cema.imag.contiguous(), kb, vb]
-        count, mean, var = state.final_norm
-        self._tensors = [*tensors, count.to(mean.dtype), mean, var]
+        self._tensors = _fixed_shape(state, C)
         self._positions = state.positions.clone()
         self._cema_dtype = state.layers[0].cema.dtype if state.layers else None
         self._step = _compiled_step() if compile else _decode_step
@@ -81,20 +72,68 @@ class StaticDecoder:
         self._positions = self._positions + valid.long()
         return logits
 
+    @property
+    def batch_size(self) -> int:
+        return int(self._positions.shape[0])
+
     def stream_state(self) -> StreamState:
         """The equivalent `StreamState` (cache trimmed to the longest partial chunk, zeros past each row's)."""
-        B, C = self._positions.shape[0], self.chunk_size
-        offsets = self._positions % C
+        return self._stream_state(self._tensors, self._positions)
+
+    # ------------------------------------------------------------------ rows joining and leaving
+    # Continuous batching (megalodon_lm.serve): streams join and leave between steps. Rows are independent
+    # in every operation of the step, so moving a row in or out changes nothing for the others.
+    def add_rows(self, state: StreamState) -> None:
+        """Append the rows of `state` (e.g. a freshly prefilled stream) after the current rows."""
+        if not isinstance(state, StreamState):
+            raise TypeError(f"state must be a StreamState, got {type(state).__name__}")
+        new = _fixed_shape(state.to(self._positions.device), self.chunk_size)
+        self._tensors = [torch.cat([old, t]) for old, t in zip(self._tensors, new, strict=True)]
+        self._positions = torch.cat([self._positions, state.positions.to(self._positions.device)])
+
+    def remove_rows(self, rows: list[int]) -> StreamState:
+        """Take `rows` out of the batch; returns their `StreamState` (in the order given)."""
+        B = self.batch_size
+        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= B):
+            raise IndexError(f"rows {rows} out of range for batch size {B}")
+        dev = self._positions.device
+        index = index.to(dev)
+        taken = self._stream_state([t.index_select(0, index) for t in self._tensors], self._positions[index])
+        keep = torch.ones(B, dtype=torch.bool, device=dev)
+        keep[index] = False
+        self._tensors = [t[keep] for t in self._tensors]
+        self._positions = self._positions[keep]
+        return taken
+
+    def _stream_state(self, tensors: list[torch.Tensor], positions: torch.Tensor) -> StreamState:
+        B, C = positions.shape[0], self.chunk_size
+        offsets = positions % C
         r = int(offsets.max()) if B else 0
         keep = (torch.arange(r, device=offsets.device) < offsets.unsqueeze(1)).view(B, r, 1, 1)
         layers = []
         for i in range(len(self.model.layers)):
-            count, mean, var, h_re, h_im, kb, vb = self._tensors[i * _PER_LAYER:(i + 1) * _PER_LAYER]
+            count, mean, var, h_re, h_im, kb, vb = tensors[i * _PER_LAYER:(i + 1) * _PER_LAYER]
             cema = torch.complex(h_re, h_im).to(self._cema_dtype)
             layers.append(MegaLayerState((count.round().long(), mean.clone(), var.clone()), cema,
                                          kb[:, :r] * keep, vb[:, :r] * keep))
-        count, mean, var = self._tensors[-3:]
-        return StreamState(layers, (count.round().long(), mean.clone(), var.clone()), self._positions.clone())
+        count, mean, var = tensors[-3:]
+        return StreamState(layers, (count.round().long(), mean.clone(), var.clone()), positions.clone())
+
+
+def _fixed_shape(state: StreamState, chunk_size: int) -> list[torch.Tensor]:
+    """A StreamState as the decoder's flat list of fixed-shape tensors (see _PER_LAYER)."""
+    B, C = state.batch_size, chunk_size
+    tensors: list[torch.Tensor] = []
+    for ls in state.layers:
+        count, mean, var = ls.norm
+        n = ls.attn_k.shape[1]
+        kb = ls.attn_k.new_zeros(B, C, *ls.attn_k.shape[2:])
+        vb = ls.attn_v.new_zeros(B, C, *ls.attn_v.shape[2:])
+        kb[:, :n], vb[:, :n] = ls.attn_k, ls.attn_v
+        tensors += [count.to(mean.dtype), mean, var, ls.cema.real.contiguous(), ls.cema.imag.contiguous(), kb, vb]
+    count, mean, var = state.final_norm
+    return [*tensors, count.to(mean.dtype), mean, var]
 
 
 _COMPILED: list = []
