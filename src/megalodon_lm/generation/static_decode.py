@@ -52,7 +52,7 @@ class StaticDecoder:
         self._tensors = _fixed_shape(state, C)
         self._positions = state.positions.clone()
         self._cema_dtype = state.layers[0].cema.dtype if state.layers else None
-        self._step = _compiled_step() if compile else _decode_step
+        self._step = _compiled_step() if compile else _eager_step
 
     @property
     def positions(self) -> torch.Tensor:
@@ -147,16 +147,22 @@ def _compiled_step():
     return _COMPILED[0]
 
 
+def _eager_step(model, coefs, tokens, valid, offsets, tensors):
+    """Uncompiled: the key/value buffers are updated in place and attention reads only the slots in use."""
+    return _decode_step(model, coefs, tokens, valid, offsets, tensors, eager=True)
+
+
 def _decode_step(model: MegalodonLM, coefs: list, tokens: torch.Tensor, valid: torch.Tensor, offsets: torch.Tensor,
-                 tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The whole model for one token per row (pure tensor code): tokens (B,) -> (logits (B, V), new state)."""
+                 tensors: list[torch.Tensor], eager: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The whole model for one token per row (pure tensor code): tokens (B,) -> (logits (B, V), new state).
+    eager=True (not for torch.compile): the same math with in-place buffer writes, see `_mega_step`."""
     x = model.embed(tokens)  # (B, D)
     if model.emb_scale != 1.0:
         x = x * model.emb_scale
     new: list[torch.Tensor] = []
     for i, block in enumerate(model.layers):
         state = tensors[i * _PER_LAYER:(i + 1) * _PER_LAYER]
-        y, layer_state = _mega_step(block.mega, coefs[i], model.rope.freqs, x, valid, offsets, state)
+        y, layer_state = _mega_step(block.mega, coefs[i], model.rope.freqs, x, valid, offsets, state, eager)
         x = block.nffn(y.unsqueeze(1), residual=x.unsqueeze(1)).squeeze(1)
         new += layer_state
     norm = model.output.final_norm
@@ -167,7 +173,7 @@ def _decode_step(model: MegalodonLM, coefs: list, tokens: torch.Tensor, valid: t
 
 
 def _mega_step(mega, coefs: tuple, freqs: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, offsets: torch.Tensor,
-               state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               state: list[torch.Tensor], eager: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The MEGA sub-layer (modules/mega.py) for one token per row: x (B, D) -> (x + h, new state)."""
     count, mean, var, h_re, h_im, kb, vb = state
     B = x.shape[0]
@@ -189,15 +195,27 @@ def _mega_step(mega, coefs: tuple, freqs: torch.Tensor, x: torch.Tensor, valid: 
 
     qk = apply_rope(torch.cat([q, k], dim=2), offsets.view(B, 1), freqs)  # (B, 1, 2H, dz)
     q, k = qk[:, 0, :H], qk[:, 0, H:]
+    if eager:
+        # In place: a functional update would allocate and write both whole (B, C, H, d) buffers per layer per
+        # step, which dominated the step at batch 8 on CPU. Attention then reads only slots 0..max offset.
+        rows = torch.arange(B, device=x.device)
+        keep = valid.view(B, 1, 1)
+        kb[rows, offsets] = torch.where(keep, k, kb[rows, offsets])
+        vb[rows, offsets] = torch.where(keep, v, vb[rows, offsets])
+        C = int(offsets.max()) + 1 if B else 1
+        k_used, v_used = kb[:, :C], vb[:, :C]
+    else:
+        slots = torch.arange(C, device=x.device)
+        write = ((slots.unsqueeze(0) == offsets.unsqueeze(1)) & valid.unsqueeze(1)).view(B, C, 1, 1)
+        kb = torch.where(write, k.unsqueeze(1), kb)
+        vb = torch.where(write, v.unsqueeze(1), vb)
+        k_used, v_used = kb, vb
     slots = torch.arange(C, device=x.device)
-    write = ((slots.unsqueeze(0) == offsets.unsqueeze(1)) & valid.unsqueeze(1)).view(B, C, 1, 1)
-    kb = torch.where(write, k.unsqueeze(1), kb)
-    vb = torch.where(write, v.unsqueeze(1), vb)
     dt = compute_dtype(q)
-    scores = torch.einsum("bhd,bchd->bhc", q.to(dt), kb.to(dt))  # no 1/sqrt(d): folded into the q/k affine
+    scores = torch.einsum("bhd,bchd->bhc", q.to(dt), k_used.to(dt))  # no 1/sqrt(d): folded into the q/k affine
     visible = (slots.unsqueeze(0) <= offsets.unsqueeze(1)).unsqueeze(1)  # (B, 1, C)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    out = torch.einsum("bhc,bchd->bhd", probs, vb.to(dt)).to(v.dtype)
+    out = torch.einsum("bhc,bchd->bhd", probs, v_used.to(dt)).to(v.dtype)
 
     h = mega.wh1(mx) + mega.wh2(out.reshape(B, H * dv) * r)
     return x + h, [count, mean, var, h_re, h_im, kb, vb]
