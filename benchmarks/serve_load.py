@@ -204,8 +204,17 @@ def main() -> int:
         with httpx.Client(base_url=server.url, timeout=600) as c:  # warm-up: first-call allocations
             turn(c, new_session(c), "warm up", 8, Stats())
         rss_start = server.rss()
-        one, t_one = run_clients(server.url, 1, args.turns, args.reply_tokens, deadline)
-        many, t_many = run_clients(server.url, args.clients, args.turns, args.reply_tokens, deadline)
+        engine_time = []  # server-side seconds in prefill and decode around each throughput phase
+        for clients in (1, args.clients):
+            before = httpx.get(server.url + "/health").json()
+            stats, wall = run_clients(server.url, clients, args.turns, args.reply_tokens, deadline)
+            after = httpx.get(server.url + "/health").json()
+            engine_time.append({k: round(after[k] - before[k], 3) for k in ("decode_steps", "decode_seconds",
+                                                                           "prefill_pieces", "prefill_seconds")})
+            if clients == 1:
+                one, t_one = stats, wall
+            else:
+                many, t_many = stats, wall
         tps_one, tps_many = one.tokens / t_one, many.tokens / t_many
 
         rss_marks: dict[int, int] = {}
@@ -247,6 +256,10 @@ def main() -> int:
         ["generated tok/s, 1 client", f"{tps_one:.1f}", ""],
         [f"generated tok/s, {args.clients} clients (aggregate)", f"{tps_many:.1f}", ""],
         [f"{args.clients} clients / 1 client", f"{tps_many / tps_one:.2f}x", ">= 3x"],
+        ["engine decode / prefill s, 1 client", f"{engine_time[0]['decode_seconds']} / "
+                                                f"{engine_time[0]['prefill_seconds']}", ""],
+        [f"engine decode / prefill s, {args.clients} clients", f"{engine_time[1]['decode_seconds']} / "
+                                                              f"{engine_time[1]['prefill_seconds']}", ""],
         ["server RSS at start", fmt_bytes(rss_start), ""],
         [f"server RSS after 100 / {args.rss_turns} turns",
          f"{fmt_bytes(rss100)} / {fmt_bytes(rss_last)}", ""],

@@ -2,7 +2,7 @@
 
 `MegalodonLM.forward` keeps each layer's attention cache as exactly the tokens of the current partial
 chunk, so its shape changes every step and rows at different chunk offsets take separate SDPA calls.
-Here every layer holds a (B, C, H, d) key/value buffer, a token is written into slot `offset` of its
+Here every layer holds a (B, H, C, d) key/value buffer, a token is written into slot `offset` of its
 row and attends to the slots 0..offset; the CEMA state is two real planes (inductor does not fuse
 complex arithmetic). Every shape is fixed for the whole generation, so one compiled graph serves every
 step. The math is the model's, step for step (tested against `MegalodonLM.forward` in float64).
@@ -116,7 +116,7 @@ class StaticDecoder:
             count, mean, var, h_re, h_im, kb, vb = tensors[i * _PER_LAYER:(i + 1) * _PER_LAYER]
             cema = torch.complex(h_re, h_im).to(self._cema_dtype)
             layers.append(MegaLayerState((count.round().long(), mean.clone(), var.clone()), cema,
-                                         kb[:, :r] * keep, vb[:, :r] * keep))
+                                         kb[:, :, :r].transpose(1, 2) * keep, vb[:, :, :r].transpose(1, 2) * keep))
         count, mean, var = tensors[-3:]
         return StreamState(layers, (count.round().long(), mean.clone(), var.clone()), positions.clone())
 
@@ -128,9 +128,10 @@ def _fixed_shape(state: StreamState, chunk_size: int) -> list[torch.Tensor]:
     for ls in state.layers:
         count, mean, var = ls.norm
         n = ls.attn_k.shape[1]
-        kb = ls.attn_k.new_zeros(B, C, *ls.attn_k.shape[2:])
-        vb = ls.attn_v.new_zeros(B, C, *ls.attn_v.shape[2:])
-        kb[:, :n], vb[:, :n] = ls.attn_k, ls.attn_v
+        # (B, H, C, d): batch and heads merge into one bmm batch dimension without a copy.
+        kb = ls.attn_k.new_zeros(B, ls.attn_k.shape[2], C, ls.attn_k.shape[3])
+        vb = ls.attn_v.new_zeros(B, ls.attn_v.shape[2], C, ls.attn_v.shape[3])
+        kb[:, :, :n], vb[:, :, :n] = ls.attn_k.transpose(1, 2), ls.attn_v.transpose(1, 2)
         tensors += [count.to(mean.dtype), mean, var, ls.cema.real.contiguous(), ls.cema.imag.contiguous(), kb, vb]
     count, mean, var = state.final_norm
     return [*tensors, count.to(mean.dtype), mean, var]
@@ -200,22 +201,22 @@ def _mega_step(mega, coefs: tuple, freqs: torch.Tensor, x: torch.Tensor, valid: 
         # step, which dominated the step at batch 8 on CPU. Attention then reads only slots 0..max offset.
         rows = torch.arange(B, device=x.device)
         keep = valid.view(B, 1, 1)
-        kb[rows, offsets] = torch.where(keep, k, kb[rows, offsets])
-        vb[rows, offsets] = torch.where(keep, v, vb[rows, offsets])
+        kb[rows, :, offsets] = torch.where(keep, k, kb[rows, :, offsets])
+        vb[rows, :, offsets] = torch.where(keep, v, vb[rows, :, offsets])
         C = int(offsets.max()) + 1 if B else 1
-        k_used, v_used = kb[:, :C], vb[:, :C]
+        k_used, v_used = kb[:, :, :C], vb[:, :, :C]
     else:
         slots = torch.arange(C, device=x.device)
-        write = ((slots.unsqueeze(0) == offsets.unsqueeze(1)) & valid.unsqueeze(1)).view(B, C, 1, 1)
-        kb = torch.where(write, k.unsqueeze(1), kb)
-        vb = torch.where(write, v.unsqueeze(1), vb)
+        write = ((slots.unsqueeze(0) == offsets.unsqueeze(1)) & valid.unsqueeze(1)).view(B, 1, C, 1)
+        kb = torch.where(write, k.unsqueeze(2), kb)
+        vb = torch.where(write, v.unsqueeze(2), vb)
         k_used, v_used = kb, vb
     slots = torch.arange(C, device=x.device)
     dt = compute_dtype(q)
-    scores = torch.einsum("bhd,bchd->bhc", q.to(dt), k_used.to(dt))  # no 1/sqrt(d): folded into the q/k affine
+    scores = torch.einsum("bhd,bhcd->bhc", q.to(dt), k_used.to(dt))  # no 1/sqrt(d): folded into the q/k affine
     visible = (slots.unsqueeze(0) <= offsets.unsqueeze(1)).unsqueeze(1)  # (B, 1, C)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    out = torch.einsum("bhc,bchd->bhd", probs, v_used.to(dt)).to(v.dtype)
+    out = torch.einsum("bhc,bhcd->bhd", probs, v_used.to(dt)).to(v.dtype)
 
     h = mega.wh1(mx) + mega.wh2(out.reshape(B, H * dv) * r)
     return x + h, [count, mean, var, h_re, h_im, kb, vb]

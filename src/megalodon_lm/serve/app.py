@@ -112,7 +112,8 @@ class Api:
         return HTMLResponse(self._page)
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.settings.model_id, **self.svc.engine.load()})
+        engine = self.svc.engine
+        return JSONResponse({"status": "ok", "model": self.settings.model_id, **engine.load(), **engine.counters()})
 
     async def models(self, request: Request) -> Response:
         self.owner(request)

@@ -15,6 +15,7 @@ Events go to each request's `on_event` callback, called on the engine thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class BatchEngine:
         self._stopping = False
         self.steps = 0  # batched decode steps run (for tests and /health)
         self.prefill_pieces = 0
+        self.seconds = {"prefill": 0.0, "decode": 0.0}  # time in each phase (for /health and benchmarks)
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -113,6 +115,12 @@ class BatchEngine:
         """Queued, prefilling and decoding request counts."""
         return {"queued": len(self._queue), "prefilling": len(self._prefilling), "decoding": len(self._decoding)}
 
+    def counters(self) -> dict[str, float]:
+        """Batched decode steps, prefill pieces and seconds spent in each so far."""
+        return {"decode_steps": self.steps, "prefill_pieces": self.prefill_pieces,
+                "decode_seconds": round(self.seconds["decode"], 3),
+                "prefill_seconds": round(self.seconds["prefill"], 3)}
+
     # ------------------------------------------------------------------ loop
     def _run(self) -> None:
         while True:
@@ -125,10 +133,14 @@ class BatchEngine:
                     self._prefilling.append(self._queue.popleft())
             try:
                 self._drop_cancelled()
+                t0 = time.perf_counter()
                 if self._prefilling:
                     self._prefill_piece()
+                t1 = time.perf_counter()
                 if self._decoding:
                     self._decode_step()
+                self.seconds["prefill"] += t1 - t0
+                self.seconds["decode"] += time.perf_counter() - t1
             except Exception as exc:  # a bug or out-of-memory: fail the running requests, keep serving
                 self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
         self._fail_all("the server is shutting down")
