@@ -83,6 +83,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)  # connections made right after the banner wait in the backlog until uvicorn is up
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
@@ -124,6 +125,8 @@ def run_serve(args: argparse.Namespace) -> int:
           f"parameters, {device}, db {db}, max batch {args.max_batch}, {keys})", file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(service), log_level=args.log_level, timeout_graceful_shutdown=30,
                             access_log=args.log_level in ("info", "debug"))
+    # Ctrl-C / SIGTERM: uvicorn stops accepting, lets in-flight turns finish (up to 30 s; then they are
+    # cancelled and not committed), runs the lifespan shutdown (engine stopped, database closed) and
+    # re-raises the signal, so the exit status is the shell's 130 / 143.
     uvicorn.Server(config).run(sockets=[sock])
-    print("megalodon-lm serve: stopped; database closed", file=sys.stderr, flush=True)
     return 0
