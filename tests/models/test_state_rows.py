@@ -9,12 +9,14 @@ from megalodon_lm import StreamState
 
 from .helpers import CHUNK, nano_model, random_ids, rel_err
 
+SMALL = dict(model_dim=32, z_dim=16, value_dim=32, num_heads=1, ffn_hidden_dim=64, norm_num_groups=4)
+
 
 @torch.no_grad()
 def test_stack_then_select_continues_each_stream_exactly():
     """Two streams at different positions and chunk offsets, stacked into one batch, fed one more piece
     together, then selected apart: each equals its own whole-sequence forward."""
-    model = nano_model(seed=0)
+    model = nano_model(seed=0, **SMALL)
     ids = random_ids(2, 3 * CHUNK, seed=2)
     cut = (CHUNK + 5, 2 * CHUNK - 3)  # different positions, different offsets inside the chunk
     states = [model(ids[i:i + 1, :cut[i]], return_state=True).state for i in range(2)]
@@ -35,7 +37,7 @@ def test_stack_then_select_continues_each_stream_exactly():
 
 
 def test_stack_errors_and_select_copies():
-    model = nano_model(seed=0)
+    model = nano_model(seed=0, **SMALL)
     s = model.init_state(2)
     with pytest.raises(ValueError, match="at least one"):
         StreamState.stack([])

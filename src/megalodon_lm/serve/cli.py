@@ -99,11 +99,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ValueError(f"serve needs the 'serve' extra: pip install 'megalodon-lm[serve]' ({exc})") from exc
     from ..generation.cli import _device
+    from ..runtime import bound_cpu_allocator
     from .loading import load_model_dir
     from .service import ServeSettings, Service
     from .template import ChatTemplate
 
     _check(args)
+    bound_cpu_allocator()  # a server runs for days: large blocks go back to the system when freed
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir)

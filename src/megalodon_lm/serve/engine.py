@@ -25,6 +25,7 @@ import torch
 
 from ..generation.static_decode import StaticDecoder
 from ..models import MegalodonLM, StreamState
+from ..runtime import release_free_memory
 from .sampling import RowSampler
 from .text import StopTracker
 
@@ -88,6 +89,7 @@ class BatchEngine:
         self.steps = 0  # batched decode steps run (for tests and /health)
         self.prefill_pieces = 0
         self.seconds = {"prefill": 0.0, "decode": 0.0}  # time in each phase (for /health and benchmarks)
+        self._trimmed = 0.0
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -215,6 +217,11 @@ class BatchEngine:
         self._pending = self._pending[keep]
         if not self._decoding:
             self._decoder = None  # the next request builds a fresh decoder
+        if time.monotonic() - self._trimmed > 1.0:
+            # Rows leaving free whole batches of state; hand the memory back (at most once a second: a few ms)
+            # so that a server's footprint follows its load instead of its history.
+            release_free_memory()
+            self._trimmed = time.monotonic()
         return [state.select([i]) for i in range(len(rows))]
 
     def _decode_step(self) -> None:
