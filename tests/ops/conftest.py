@@ -48,7 +48,8 @@ def triton_device():
     if not isinstance(tl.standard.sum, InterpretedFunction):
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it): "
                     "its interpreter cannot run the kernels in this process")
-    for name in ("megalodon_lm.ops.cema.triton_kernels", "megalodon_lm.ops.timestep_norm.triton_kernels"):
+    for name in ("megalodon_lm.ops.cema.triton_kernels", "megalodon_lm.ops.timestep_norm.triton_kernels",
+                 "megalodon_lm.ops.fused.triton_kernels"):
         module = sys.modules.get(name) or importlib.import_module(name)
         if not isinstance(module.__dict__[next(k for k in vars(module) if k.endswith("_kernel"))],
                           InterpretedFunction):
