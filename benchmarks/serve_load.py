@@ -224,7 +224,7 @@ def main() -> int:
         def count() -> None:
             with lock:
                 done[0] += 1
-                if done[0] in (100, args.rss_turns):
+                if done[0] % 100 == 0 or done[0] == args.rss_turns:
                     rss_marks[done[0]] = server.rss()
 
         per_client = -(-args.rss_turns // args.clients)
@@ -265,6 +265,9 @@ def main() -> int:
          f"{fmt_bytes(rss100)} / {fmt_bytes(rss_last)}", ""],
         [f"RSS after {args.rss_turns} vs after 100 turns",
          f"{(rss_last / rss100 - 1) * 100:+.1f}%" if rss100 and rss_last else "-", "within 10%"],
+        ["RSS every 100 turns, range vs after 100",
+         f"{(min(rss_marks.values()) / rss100 - 1) * 100:+.1f}% .. {(max(rss_marks.values()) / rss100 - 1) * 100:+.1f}%"
+         if rss100 else "-", ""],
         ["server RSS at the end", fmt_bytes(rss_end), ""],
         [f"history fed: {long_tokens:,} tokens in (s)", f"{feed_s:.1f}", ""],
         [f"turn latency median at {info_long['tokens']:,} tokens of history (s)", f"{med_long:.3f}", ""],
@@ -277,7 +280,8 @@ def main() -> int:
     print_table(["metric", "value", "target"], rows,
                 title=f"serve_load: {args.preset if not args.model_dir else model_dir}, {args.clients} clients, "
                       f"turns of {args.reply_tokens} tokens; load average at start {results['load_avg_start']}")
-    results.update(rows={r[0]: r[1] for r in rows}, load_avg_end=os.getloadavg(), short_tokens=short_tokens)
+    results.update(rows={r[0]: r[1] for r in rows}, load_avg_end=os.getloadavg(), short_tokens=short_tokens,
+                   rss_every_100_turns=rss_marks, engine_time=engine_time)
     if args.json:
         save_json(args.json, results)
     return 1 if errors else 0
