@@ -131,15 +131,16 @@ def new_session(client: httpx.Client) -> str:
     return client.post("/v1/sessions").json()["id"]
 
 
-def run_clients(url: str, clients: int, turns: int, max_tokens: int, deadline: float,
-                on_turn=None) -> tuple[Stats, float]:
-    """`clients` threads, each with its own session, `turns` turns each (stopping at `deadline`)."""
+def run_clients(url: str, clients: int, turns: int, max_tokens: int, deadline: float, on_turn=None,
+                sessions: list[str] | None = None, first_turn: int = 0) -> tuple[Stats, float]:
+    """`clients` threads, each with its own session (new, or `sessions[i]`), `turns` turns each (stopping at
+    `deadline`)."""
     stats = Stats()
 
     def worker(i: int) -> None:
         with httpx.Client(base_url=url, timeout=600) as c:
-            sid = new_session(c)
-            for t in range(turns):
+            sid = new_session(c) if sessions is None else sessions[i]
+            for t in range(first_turn, first_turn + turns):
                 if time.monotonic() > deadline:
                     return
                 turn(c, sid, f"client {i} says hello for the {t}th time", max_tokens, stats)
@@ -227,8 +228,21 @@ def main() -> int:
                 if done[0] % 100 == 0 or done[0] == args.rss_turns:
                     rss_marks[done[0]] = server.rss()
 
-        per_client = -(-args.rss_turns // args.clients)
-        mem, _ = run_clients(server.url, args.clients, per_client, args.rss_reply_tokens, deadline, count)
+        # The same sessions throughout: the first 100 turns, a pause, then up to --rss-turns. RSS is read with no
+        # request in flight (retained memory) and also every 100 turns during the load (working memory).
+        with httpx.Client(base_url=server.url, timeout=600) as c:
+            mem_sessions = [new_session(c) for _ in range(args.clients)]
+        first = -(-100 // args.clients)
+        mem, _ = run_clients(server.url, args.clients, first, args.rss_reply_tokens, deadline, count,
+                             sessions=mem_sessions)
+        time.sleep(2)
+        rss_idle = {done[0]: server.rss()}
+        rest = -(-args.rss_turns // args.clients) - first
+        mem2, _ = run_clients(server.url, args.clients, rest, args.rss_reply_tokens, deadline, count,
+                              sessions=mem_sessions, first_turn=first)
+        mem.errors += mem2.errors
+        time.sleep(2)
+        rss_idle[done[0]] = server.rss()
 
         with httpx.Client(base_url=server.url, timeout=3600) as c:
             long_s, short_s = new_session(c), new_session(c)
@@ -248,7 +262,7 @@ def main() -> int:
         server.stop()
     db_bytes = sum(f.stat().st_size for f in tmp.glob("sessions.sqlite3*"))
     med_long, med_short = statistics.median(lat[long_s].latency), statistics.median(lat[short_s].latency)
-    rss100, rss_last = rss_marks.get(100), rss_marks.get(args.rss_turns)
+    (n_first, rss100), (n_last, rss_last) = sorted(rss_idle.items())
     rows = [
         ["errors", errors, "0"],
         ["TTFT p50 / p95, 1 client (s)", f"{pct(one.ttft, 50):.3f} / {pct(one.ttft, 95):.3f}", ""],
@@ -261,13 +275,11 @@ def main() -> int:
         [f"engine decode / prefill s, {args.clients} clients", f"{engine_time[1]['decode_seconds']} / "
                                                               f"{engine_time[1]['prefill_seconds']}", ""],
         ["server RSS at start", fmt_bytes(rss_start), ""],
-        [f"server RSS after 100 / {args.rss_turns} turns",
+        [f"server RSS after {n_first} / {n_last} turns (none in flight)",
          f"{fmt_bytes(rss100)} / {fmt_bytes(rss_last)}", ""],
-        [f"RSS after {args.rss_turns} vs after 100 turns",
-         f"{(rss_last / rss100 - 1) * 100:+.1f}%" if rss100 and rss_last else "-", "within 10%"],
-        ["RSS every 100 turns, range vs after 100",
-         f"{(min(rss_marks.values()) / rss100 - 1) * 100:+.1f}% .. {(max(rss_marks.values()) / rss100 - 1) * 100:+.1f}%"
-         if rss100 else "-", ""],
+        [f"RSS after {n_last} vs after {n_first} turns", f"{(rss_last / rss100 - 1) * 100:+.1f}%", "within 10%"],
+        ["RSS during the load, every 100 turns (min .. max)",
+         f"{fmt_bytes(min(rss_marks.values()))} .. {fmt_bytes(max(rss_marks.values()))}" if rss_marks else "-", ""],
         ["server RSS at the end", fmt_bytes(rss_end), ""],
         [f"history fed: {long_tokens:,} tokens in (s)", f"{feed_s:.1f}", ""],
         [f"turn latency median at {info_long['tokens']:,} tokens of history (s)", f"{med_long:.3f}", ""],
@@ -281,7 +293,7 @@ def main() -> int:
                 title=f"serve_load: {args.preset if not args.model_dir else model_dir}, {args.clients} clients, "
                       f"turns of {args.reply_tokens} tokens; load average at start {results['load_avg_start']}")
     results.update(rows={r[0]: r[1] for r in rows}, load_avg_end=os.getloadavg(), short_tokens=short_tokens,
-                   rss_every_100_turns=rss_marks, engine_time=engine_time)
+                   rss_every_100_turns=rss_marks, rss_idle=rss_idle, engine_time=engine_time)
     if args.json:
         save_json(args.json, results)
     return 1 if errors else 0

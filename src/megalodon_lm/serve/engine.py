@@ -217,9 +217,9 @@ class BatchEngine:
         self._pending = self._pending[keep]
         if not self._decoding:
             self._decoder = None  # the next request builds a fresh decoder
-        if time.monotonic() - self._trimmed > 1.0:
-            # Rows leaving free whole batches of state; hand the memory back (at most once a second: a few ms)
-            # so that a server's footprint follows its load instead of its history.
+        if not self._decoding or time.monotonic() - self._trimmed > 1.0:
+            # Rows leaving free whole batches of state; hand the memory back (when idle, else at most once a
+            # second: a few ms) so that a server's footprint follows its load instead of its history.
             release_free_memory()
             self._trimmed = time.monotonic()
         return [state.select([i]) for i in range(len(rows))]
