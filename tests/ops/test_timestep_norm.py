@@ -73,7 +73,7 @@ def test_golden_op_timestep_norm(golden_dir, impl):
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_matches_pooled_statistics_definition(impl):
-    """Inclusive pooled mean / population variance of all scalars of the group over tokens <= t (spec §3.1).
+    """Inclusive pooled mean / population variance of all scalars of the group, tokens <= t (architecture.md §3.1).
 
     With a zero-count prior the prior is irrelevant, so a random (mean, var) prior gives the same result.
     Tol 1e-11 relative.
@@ -151,7 +151,8 @@ def test_right_padding_mask(prior):
 
 
 def test_general_mask_prefix_matches_naive():
-    """Pads anywhere (leading, interleaved), the mask semantics of spec §3.1(6): prefix == naive (1e-10)."""
+    """Pads anywhere (leading, interleaved), the mask semantics of docs/architecture.md §3.1 (item 6):
+    prefix == naive (1e-10)."""
     B, L, D, G = 3, 10, 6, 2
     valid = torch.tensor(
         [[False, False, True, True, False, True, True, True, False, True],
@@ -303,7 +304,7 @@ def test_float32_prefix_long_sequence_precision():
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_bf16_input_float32_stats(impl):
     """bf16 x with float32 state: y bf16 (float32 result rounded, elementwise <= 2^-8 rel + 1e-6),
-    statistics keep the state's float32 dtype (spec §3.1(7))."""
+    statistics keep the state's float32 dtype (docs/paper-deviations.md: the reference keeps the buffer dtype)."""
     B, L, D, G = 2, 5, 8, 2
     x, w, b = rand_inputs(B, L, D, seed=70)
     xb = x.to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Normalised feed-forward network (reference-spec §5) with the two-hop residual."""
+"""Normalised feed-forward network (docs/architecture.md §5) with the two-hop residual."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class NormalizedFeedForwardNetwork(nn.Module):
         act = silu if self.fc3 is None else swiglu  # fused on CUDA (ops/fused)
         if p > 0.0:
             act = with_dropout(act, p)
-        if lean_active():
+        if lean_active() and type(self.fc2) is nn.Linear:  # a wrapped fc2 (PEFT LoRA) runs as a module
             out = prologue_linear(act, pre, self.fc2.weight, stochastic=p > 0.0)
         else:
             out = self.fc2(act(*pre))

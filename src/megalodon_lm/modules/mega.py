@@ -1,4 +1,4 @@
-"""The MEGA sub-layer in its Megalodon form (reference-spec §4.1): TimestepNorm -> CEMA -> RMSNorm,
+"""The MEGA sub-layer in its Megalodon form (docs/architecture.md §4.1): TimestepNorm -> CEMA -> RMSNorm,
 normalised multi-head chunk attention gated by r, and h = W_h1 mx + W_h2 (O * r) added to the input.
 """
 
@@ -84,7 +84,8 @@ class MovingAverageGatedAttention(nn.Module):
         out, cache_k, cache_v = run(lambda z, v: self._attention(z, v, state, info, freqs), z_raw, v_raw)
         p = self.hidden_dropout if drop else 0.0
         gate = silu_gate if p == 0.0 else with_dropout(silu_gate, p)
-        if lean:
+        # A wrapped projection (PEFT LoRA, quantisation) must run as a module: it is more than its .weight.
+        if lean and type(self.wh2) is nn.Linear:
             gated = prologue_linear(gate, (out, r_raw), self.wh2.weight, stochastic=p > 0.0)
         else:
             gated = self.wh2(gate(out, r_raw))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 SERVE_HELP = {
-    "model_dir": "a run directory (megalodon-lm train) or a transformers directory (megalodon-lm hf export)",
+    "model_dir": "a run directory (megalodon-lm train) or a transformers directory (megalodon-lm export-hf)",
     "host": "interface to listen on (loopback only by default) [127.0.0.1]",
     "port": "TCP port; 0 = any free port (the banner names it) [8000]",
     "db": "SQLite session database [MODEL_DIR/sessions.sqlite3]",

@@ -1,7 +1,7 @@
 """Load what `megalodon-lm serve` serves: a run directory or a transformers (HF) model directory.
 
 A run directory is read by `load_run`. An HF directory (config.json + model.safetensors, written by
-`megalodon-lm hf export`) is read here without transformers: its config fields are `MegalodonConfig`'s and
+`megalodon-lm export-hf`) is read here without transformers: its config fields are `MegalodonConfig`'s and
 its weights are the `MegalodonLM` state dict under the prefix `model.`. The fingerprint names the model a
 session's state belongs to: a state is only meaningful for the exact weights that produced it.
 """
