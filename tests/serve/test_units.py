@@ -70,7 +70,7 @@ def test_sampler_state_round_trip_continues_the_same_draws():
 
 @pytest.mark.slow  # transformers' import and save_pretrained: tens of seconds on 2 cores
 def test_run_and_hf_directories_load_the_same_model(run_dir, tmp_path):
-    pytest.importorskip("transformers", reason="hf export needs transformers")
+    pytest.importorskip("transformers", reason="export-hf needs transformers")
     from megalodon_lm.hf.convert import export_hf
 
     model, tok = load_model_dir(run_dir)

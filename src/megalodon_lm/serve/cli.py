@@ -98,7 +98,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from .app import create_app
     except ImportError as exc:
         raise ValueError(f"serve needs the 'serve' extra: pip install 'megalodon-lm[serve]' ({exc})") from exc
-    from ..generation.cli import _device
+    from ..device import resolve_device
     from ..runtime import bound_cpu_allocator
     from .loading import load_model_dir
     from .service import ServeSettings, Service
@@ -109,7 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     print(f"megalodon-lm serve: loading {model_dir} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_model_dir(model_dir, device, DTYPES[args.dtype])
     settings = ServeSettings(model_id=args.model_id or model_dir.resolve().name, api_keys=_api_keys(args),
