@@ -152,7 +152,7 @@ def _final_state(
     keep = (expo >= 0).to(xf.dtype)
     # p q^(i-j) for every row: (B, D, N, T), tiny (T tokens). The powers q^0 .. q^(T-1) are computed once and
     # gathered per row (the same values as exponentiating per row, B times fewer complex exps).
-    powers = torch.exp(coef.log_q.unsqueeze(-1) * j)  # (D, N, T)
+    powers = coef.powers(j)  # (D, N, T)
     w = coef.p.unsqueeze(-1) * powers[:, :, expo.clamp(min=0)].permute(2, 0, 1, 3)
     w = w * keep.view(B, 1, 1, T)
     h = torch.einsum("bdnt,btd->bdn", w, xs.to(cdt))
