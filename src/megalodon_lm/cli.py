@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .hf_cli import add_hf_parsers
 
     add_hf_parsers(sub)
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -152,8 +152,10 @@ def _final_state(
     xs = xf.gather(1, pos.clamp(max=L - 1).unsqueeze(-1).expand(B, T, D))  # (B, T, D)
     expo = i.unsqueeze(1) - j  # (B, T): i - j, negative beyond the last token
     keep = (expo >= 0).to(xf.dtype)
-    # p q^(i-j) for every row: (B, D, N, T), tiny (T tokens).
-    w = coef.p.unsqueeze(-1) * torch.exp(coef.log_q.unsqueeze(0).unsqueeze(-1) * expo.clamp(min=0).view(B, 1, 1, T))
+    # p q^(i-j) for every row: (B, D, N, T), tiny (T tokens). The powers q^0 .. q^(T-1) are computed once and
+    # gathered per row (the same values as exponentiating per row, B times fewer complex exps).
+    powers = coef.powers(j)  # (D, N, T)
+    w = coef.p.unsqueeze(-1) * powers[:, :, expo.clamp(min=0)].permute(2, 0, 1, 3)
     w = w * keep.view(B, 1, 1, T)
     h = torch.einsum("bdnt,btd->bdn", w, xs.to(cdt))
     h = h + torch.exp(coef.log_q.unsqueeze(0) * (i + 1).view(B, 1, 1).to(xf.dtype)) * h_blk
