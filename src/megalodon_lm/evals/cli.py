@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .ppl import bpb_vs_context, load_documents, parse_contexts
+from .ppl import RESET_PARTS, bpb_vs_context, load_documents, parse_contexts, parse_resets
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,6 +36,12 @@ def _add_ppl_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=None, metavar="N", help="use at most N documents [all]")
     p.add_argument("--refresh", action="store_true",
                    help="reference TimestepNorm statistics refresh in the whole-prefix stream (~4x compute)")
+    p.add_argument("--reset", default=None, metavar="LIST",
+                   help="reset ablation: comma-separated memory paths to reset in an extra whole-prefix stream each, "
+                        f"from {','.join(RESET_PARTS)} (cema = CEMA state, norm = TimestepNorm statistics); "
+                        "same scored tokens, so whole minus reset = what that path carries [none]")
+    p.add_argument("--reset-every", default="chunk", metavar="N|chunk",
+                   help="reset period in tokens from the document start, or 'chunk' (the attention chunk) [chunk]")
     p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step [latest]")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
     p.add_argument("--piece-tokens", type=int, default=4096, metavar="N", help="tokens per forward [4096]")
@@ -47,9 +53,10 @@ def _add_ppl_parser(sub) -> argparse.ArgumentParser:
 
 def format_table(result: dict[str, Any]) -> str:
     """Plain-text table: context, bpb, nll/token, scored tokens, scored bytes."""
-    lines = [f"{'context':>10} {'bpb':>9} {'nll/tok':>9} {'tokens':>9} {'bytes':>9}"]
+    width = max([10, *(len(r["label"]) for r in result["results"])])
+    lines = [f"{'context':>{width}} {'bpb':>9} {'nll/tok':>9} {'tokens':>9} {'bytes':>9}"]
     for r in result["results"]:
-        lines.append(f"{r['label']:>10} {r['bpb']:9.4f} {r['nll_per_token']:9.4f} {r['n_tokens']:9d} "
+        lines.append(f"{r['label']:>{width}} {r['bpb']:9.4f} {r['nll_per_token']:9.4f} {r['n_tokens']:9d} "
                      f"{r['n_bytes']:9d}")
     return "\n".join(lines)
 
@@ -69,7 +76,10 @@ def write_plot(result: dict[str, Any], path: str | Path) -> bool:
         ax.set_xscale("log", base=2)
     for r in result["results"]:
         if r["context"] is None:
-            ax.axhline(r["bpb"], linestyle="--", color="tab:red", label="whole prefix")
+            reset = r.get("reset")
+            ax.axhline(r["bpb"], linestyle="--" if reset is None else ":",
+                       color="tab:red" if reset is None else None,
+                       label="whole prefix" if reset is None else f"whole prefix, {r['label'][7:]}")
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("bits per byte")
     ax.set_title(f"BPB vs context ({result['n_documents']} docs, last {result['score_tokens']} tokens)")
@@ -78,6 +88,19 @@ def write_plot(result: dict[str, Any], path: str | Path) -> bool:
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def parse_reset_every(spec: str) -> int | None:
+    """'chunk' -> None (the model's attention chunk), '512' -> 512. Raises ValueError otherwise."""
+    if spec.strip().lower() == "chunk":
+        return None
+    try:
+        value = int(spec)
+    except ValueError:
+        raise ValueError(f"--reset-every: {spec!r} is neither a positive integer nor 'chunk'") from None
+    if value < 1:
+        raise ValueError(f"--reset-every must be >= 1, got {value}")
+    return value
 
 
 def _check_args(args: argparse.Namespace) -> list[int | None]:
@@ -95,10 +118,12 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     from ..training.checkpoint import load_run  # lazy: keeps `--help` fast
 
     contexts = _check_args(args)
+    resets = parse_resets(args.reset) if args.reset else []
+    reset_every = parse_reset_every(args.reset_every)
     documents = load_documents(args.data, args.max_docs)
     model, tokenizer = load_run(args.run_dir, device=torch.device(args.device), step=args.step)
     result = bpb_vs_context(model, tokenizer, documents, contexts, args.score_tokens, refresh=args.refresh,
-                            piece_tokens=args.piece_tokens)
+                            piece_tokens=args.piece_tokens, resets=resets, reset_every=reset_every)
     result["run_dir"] = str(args.run_dir)
     print(format_table(result))
     if args.out:
