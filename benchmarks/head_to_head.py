@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,9 @@ DEFAULT_BOOKS = next((d / "shared" / "data" / "books" for d in (REPO.parent, REP
                       if (d / "shared" / "data" / "books").is_dir()), REPO.parent / "shared" / "data" / "books")
 ARCHS = ("megalodon", "llama")
 # Setting fields that may be absent: Llama's full attention only up to llama_full_max (the sliding window
-# beyond); resets = Megalodon's reset ablation, [{"parts": [...], "every": "chunk" | N}, ...].
-OPTIONAL_KEYS = ("llama_full_max", "resets")
+# beyond); resets = Megalodon's reset ablation, [{"parts": [...], "every": "chunk" | N}, ...]; parallel_train =
+# train both models at once.
+OPTIONAL_KEYS = ("llama_full_max", "resets", "parallel_train")
 
 SMOKE_MODEL = dict(num_layers=2, model_dim=64, z_dim=32, value_dim=128, num_heads=1, ffn_hidden_dim=128,
                    chunk_size=32, norm_num_groups=8)
@@ -292,10 +294,17 @@ def run(setting: str, out: Path, books_dir: Path, cache: Path | None,
 
     # 2. main training
     res["train"], res["curves"], models = {}, {}, {}
+
+    def train(arch: str) -> dict[str, Any]:
+        return run_worker(train_options(cfg, arch, lrs[arch], cfg["steps"], out / "runs" / arch, train_books,
+                                        curve_val, cache), out / "logs" / f"train-{arch}.log")
+
+    # parallel_train: both processes at once (on a shared machine each gets its own share of the cores; their
+    # tokens/s then measure the two under the same contention, not each alone)
+    with ThreadPoolExecutor(len(ARCHS) if cfg.get("parallel_train") else 1) as pool:
+        trained = dict(zip(ARCHS, pool.map(train, ARCHS), strict=True))
     for arch in ARCHS:
-        run_dir = out / "runs" / arch
-        r = run_worker(train_options(cfg, arch, lrs[arch], cfg["steps"], run_dir, train_books, curve_val, cache),
-                       out / "logs" / f"train-{arch}.log")
+        run_dir, r = out / "runs" / arch, trained[arch]
         curve = read_curve(run_dir / "metrics.jsonl")
         train_time = curve[-1]["train_time"]
         model = models[arch] = load_run(run_dir, device)[0]

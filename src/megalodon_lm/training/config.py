@@ -48,7 +48,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # evaluation, logging, checkpoints
     eval_every: int = 200
-    eval_tokens: int = 131072  # validation targets scored per evaluation
+    eval_tokens: int = 131072  # validation targets scored per evaluation (evenly spread over every document)
     save_every: int = 500
     keep_last: int = 3
     log_every: int = 10

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.dataset import build_corpora, bytes_per_target, eval_windows, sample_batch
+from ..data.dataset import build_corpora, bytes_per_target, sample_batch, sample_eval_windows
 from ..data.packing import DocumentMaskedForward
 from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
@@ -106,12 +106,17 @@ def _init_from_config(src: Path, vocab_size: int) -> MegalodonConfig:
 
 @torch.no_grad()
 def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_lengths: torch.Tensor,
-             device: torch.device, autocast) -> tuple[float, float]:
-    """Validation loss (nats per token) and bits per byte over fixed windows of the validation data."""
+             device: torch.device, autocast, info: dict[str, Any] | None = None) -> tuple[float, float]:
+    """Validation loss (nats per token) and bits per byte over fixed windows of the validation data.
+
+    The windows are `sample_eval_windows`: all of the split when it fits in `max_tokens`, else an evenly spread
+    sample of every document. `info`, when given, receives what was scored (val_sample, val_targets, val_docs,
+    val_docs_total) and the scored text bytes (val_bytes).
+    """
     was_training = model.training
     model.eval()
     nll, count, n_bytes = 0.0, 0, 0
-    windows = list(eval_windows(corpus, seq_len, max_tokens))
+    windows, described = sample_eval_windows(corpus, seq_len, max_tokens)
     full = [w for w in windows if w[0].shape[1] == seq_len]
     groups = [full[i : i + EVAL_BATCH] for i in range(0, len(full), EVAL_BATCH)]
     groups += [[w] for w in windows if w[0].shape[1] != seq_len]  # a shorter last window goes alone
@@ -124,6 +129,8 @@ def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_len
         count += int((y != -100).sum())
         n_bytes += int(bytes_per_target(y.cpu(), byte_lengths))
     model.train(was_training)
+    if info is not None:
+        info.update(described, val_bytes=n_bytes)
     return nll / max(count, 1), nll / math.log(2) / max(n_bytes, 1)
 
 
@@ -298,9 +305,12 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
     def run_eval() -> None:
         nonlocal val_loss, val_bpb, evaluated_at
         eval_model = model if drun is None else drun.eval_module  # FSDP2: every rank runs the root module
-        val_loss, val_bpb = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device, autocast)
+        scored: dict[str, Any] = {}
+        val_loss, val_bpb = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device, autocast,
+                                     scored)
         evaluated_at = step
-        metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb})
+        metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb,
+                     **scored})
         progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
 
     with _StopFlag() as stop:
