@@ -121,7 +121,23 @@ def probe_tables(res: dict[str, Any], archs: list[str]) -> list[str]:
         for a in archs:
             lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(f"{r['accuracy']:.2f} / {r['bits_per_digit']:.2f}"
                                                              for r in pk[a]) + " |")
+        if pk["megalodon"] and pk.get("megalodon_by_distance"):
+            dists = [r["distance"] for r in pk["megalodon_by_distance"]]
+            lines += ["", f"Passkey accuracy vs distance (key line d tokens before the question, length "
+                      f"{pk['train_length']}; Megalodon's chunk {pk['chunk']}):", "",
+                      "| model | " + " | ".join(f"d = {d}" for d in dists) + " |", "|---|" + "---|" * len(dists)]
+            for a in archs:
+                lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(f"{r['accuracy']:.2f}"
+                                                                 for r in pk[a + "_by_distance"]) + " |")
     mq = res.get("mqar")
+    if mq and mq["megalodon"].get("by_distance"):
+        bins = [(b["min"], b["max"]) for b in mq["megalodon"]["by_distance"]]
+        lines += ["", "MQAR accuracy vs distance from the query to its key (chunk "
+                  f"{mq['chunk']}):", "", "| model | " + " | ".join(f"{lo}-{hi - 1}" for lo, hi in bins) + " |",
+                  "|---|" + "---|" * len(bins)]
+        for a in archs:
+            by = {(b["min"], b["max"]): b["accuracy"] for b in mq[a].get("by_distance", [])}
+            lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(_fmt(by.get(k), ".3f") for k in bins) + " |")
     if mq:
         lines += ["", f"MQAR (trained from scratch, {mq['steps']} steps; N = {mq['seq_len']}, {mq['num_pairs']} "
                   f"pairs, queries from position {mq['query_start']} = beyond the {mq['chunk']}-token chunk):", "",

@@ -88,10 +88,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
         lr_check_steps=60, curve_bytes=16384, final_bytes=65536, ctx_doc_bytes=262144, ctx_score_tokens=4096,
         contexts=[256, 512, 1024, 2048, 4096, 16384, 65536], llama_full_max=4096,
         resets=[dict(parts=["cema", "norm", "both"], every="chunk"), dict(parts=["both"], every=4096)],
-        passkey=dict(length=1024, test_lengths=[1024, 2048, 4096], steps=300, batch=8, trials=32, lr_scale=0.5),
+        # probes: keys/queries at distances inside and beyond Megalodon's chunk, within Llama's training length
+        passkey=dict(length=1024, test_lengths=[1024, 2048, 4096], steps=300, batch=8, trials=32, lr_scale=0.5,
+                     distances=[64, 128, 256, 512, 960]),
         mqar=dict(model=dict(num_layers=2, model_dim=128, z_dim=64, value_dim=256, num_heads=2, ffn_hidden_dim=256,
                              chunk_size=64, norm_num_groups=16),
-                  seq_len=256, num_pairs=8, query_start=64, steps=600, batch=32, lr=3e-3, n_eval=256)),
+                  seq_len=256, num_pairs=8, query_start=16, steps=600, batch=32, lr=3e-3, n_eval=256,
+                  distance_edges=[0, 32, 64, 128, 256])),
 }
 
 
@@ -224,6 +227,9 @@ def passkey_stage(models: dict[str, Any], cfg: dict[str, Any], lrs: dict[str, fl
         out[arch] = [evaluate_passkey(tuned, val_pool, tok, length, pk["trials"], seed=1, chunk=chunk)
                      for length in pk["test_lengths"]]
         out[arch + "_train"] = stats
+        out[arch + "_by_distance"] = [  # key line d tokens before the question, at the training length
+            evaluate_passkey(tuned, val_pool, tok, pk["length"], pk["trials"], seed=2, distance=d)
+            for d in pk.get("distances", [])]
         log(f"  passkey {arch}: " + ", ".join(f"{r['length']}: acc {r['accuracy']:.2f} bits/digit "
                                               f"{r['bits_per_digit']:.2f}" for r in out[arch]))
         del tuned
@@ -246,7 +252,7 @@ def mqar_stage(cfg: dict[str, Any], vocab: int, device: torch.device, log) -> di
         stats = train_probe(model, lambda s: mqar_batch(mq["batch"], mq["seq_len"], mq["num_pairs"], vocab, 0, s,
                                                         mq["query_start"]), mq["steps"], mq["lr"], log=log)
         res = evaluate_mqar(model, mq["seq_len"], mq["num_pairs"], vocab, mq["n_eval"], seed=1,
-                            query_start=mq["query_start"])
+                            query_start=mq["query_start"], distance_edges=mq.get("distance_edges"))
         out[arch] = {**res, "params": sum(p.numel() for p in model.parameters()), "train": stats}
         log(f"  mqar {arch}: accuracy {res['accuracy']:.3f}")
     return out

@@ -47,7 +47,10 @@ def test_settings_are_consistent():
     for name, cfg in SETTINGS.items():
         assert cfg["steps"] % cfg["eval_every"] == 0, name
         assert cfg["lr_check_steps"] <= cfg["steps"] and cfg["warmup"] < cfg["steps"], name
-        assert cfg["mqar"]["query_start"] >= cfg["mqar"]["model"]["chunk_size"], name  # queries beyond the chunk
+        mq, chunk = cfg["mqar"], cfg["mqar"]["model"]["chunk_size"]
+        # queries beyond the chunk, or a distance curve with bins on both sides of it
+        assert mq["query_start"] >= chunk or chunk in mq["distance_edges"][1:-1], name
+        assert max(cfg["passkey"].get("distances", [0])) < cfg["passkey"]["length"], name
         assert cfg["ctx_doc_bytes"] > max(cfg["contexts"]) + cfg["ctx_score_tokens"], name
 
 

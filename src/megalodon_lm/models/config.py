@@ -175,6 +175,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  cema_ndim=16, chunk_size=64, norm_num_groups=16, vocab_size=256),
     "mini": dict(num_layers=4, model_dim=256, z_dim=64, value_dim=512, num_heads=2, ffn_hidden_dim=768,
                  cema_ndim=16, chunk_size=128, norm_num_groups=16, vocab_size=256),
+    "3M": dict(num_layers=4, model_dim=256, z_dim=128, value_dim=512, num_heads=1, ffn_hidden_dim=364, swiglu=True,
+               cema_ndim=16, chunk_size=128, norm_num_groups=32, vocab_size=256),
     "tiny": dict(num_layers=6, model_dim=384, z_dim=128, value_dim=768, num_heads=2, ffn_hidden_dim=1024,
                  cema_ndim=16, chunk_size=256, norm_num_groups=32, vocab_size=256),
     "200M": dict(num_layers=12, model_dim=1024, z_dim=256, value_dim=2048, num_heads=1, ffn_hidden_dim=2560,
