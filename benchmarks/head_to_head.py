@@ -13,16 +13,16 @@ Stages (a progress line each), every one fixed in steps/tokens and seeded, so to
     the whole prefix; Llama with full attention over C and with a sliding window at its training length.
  5. passkey (§4.1, trained variant): fine-tune copies of both models, key in an earlier chunk than the question.
  6. MQAR (§4.2): small models of both archs trained from scratch, queries beyond the attention chunk.
-Writes OUT/results.json, OUT/results.md and PNG plots. Data: ../shared/data/books relative to the repo root.
+Writes OUT/results.json, OUT/results.md and PNG plots. Data: `--books DIR`, the 26 novels of benchmarks/books.tsv
+(`python benchmarks/fetch_books.py` downloads them into data/books, the default) or any folder of .txt files
+(split as benchmarks/_books.py says).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
-import lzma
 import math
 import os
 import resource
@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _books import book_slug, book_split, default_books_dir, read_book
 from _common import system_info
 from _h2h_report import equal_time, markdown, plots, read_curve
 
-REPO = Path(__file__).resolve().parents[1]
-# ../shared/data relative to the repo root (also one level further up, for a git worktree under work/wt/)
-DEFAULT_BOOKS = next((d / "shared" / "data" / "books" for d in (REPO.parent, REPO.parent.parent)
-                      if (d / "shared" / "data" / "books").is_dir()), REPO.parent / "shared" / "data" / "books")
+DEFAULT_BOOKS = default_books_dir()  # data/books (fetch_books.py's output), else ../shared/data/books; or None
+NO_BOOKS = ("no books directory: run `python benchmarks/fetch_books.py` (downloads the 26 public-domain novels "
+            "into data/books) or pass --books DIR (any folder of .txt files)")
 ARCHS = ("megalodon", "llama")
 # Setting fields that may be absent: Llama's full attention only up to llama_full_max (the sliding window
 # beyond); resets = Megalodon's reset ablation, [{"parts": [...], "every": "chunk" | N}, ...]; parallel_train =
@@ -99,29 +99,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------------------------------- data
-def book_split(books_dir: Path) -> dict[str, list[Path]]:
-    """{"train": [...], "validation": [...]} from books.tsv (sorted by file name)."""
-    tsv = books_dir / "books.tsv"
-    if not tsv.is_file():
-        raise FileNotFoundError(f"{tsv} not found: pass --books (the shared mini-PG19 books directory)")
-    out: dict[str, list[Path]] = {"train": [], "validation": []}
-    with tsv.open(encoding="utf-8") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            out[row["split"]].append(books_dir / row["file"])
-    return {k: sorted(v) for k, v in out.items()}
-
-
-def read_book(path: Path, n_bytes: int | None = None) -> bytes:
-    with lzma.open(path, "rb") as fh:
-        return fh.read() if n_bytes is None else fh.read(n_bytes)
-
-
 def write_slices(books: list[Path], n_bytes: int, directory: Path) -> list[Path]:
     """The first n_bytes of each book as plain files (validation slices the trainer can read)."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for book in books:
-        p = directory / book.name.replace(".txt.xz", ".txt")
+        p = directory / f"{book_slug(book)}.txt"
         p.write_bytes(read_book(book, n_bytes))
         paths.append(p)
     return paths
@@ -385,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     p.add_argument("--out", type=Path, default=None, help="output directory [runs/h2h-<setting>]")
-    p.add_argument("--books", type=Path, default=DEFAULT_BOOKS, help=f"mini-PG19 books directory [{DEFAULT_BOOKS}]")
+    p.add_argument("--books", type=Path, default=DEFAULT_BOOKS,
+                   help=f"folder of books: fetch_books.py's output or any .txt files [{DEFAULT_BOOKS or 'none found'}]")
     p.add_argument("--cache-dir", type=Path, default=None, help="tokenized-data cache [OUT/token-cache]")
     p.add_argument("--overwrite", action="store_true", help="delete an existing OUT first")
     p.add_argument("--resume", action="store_true",
@@ -397,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args._worker:
         return _worker(args._worker)
+    try:
+        if args.books is None:
+            raise FileNotFoundError(NO_BOOKS)
+        book_split(args.books)  # a bad books folder fails here, in one line
+    except (FileNotFoundError, ValueError) as err:
+        print(f"head_to_head: {err}", file=sys.stderr)
+        return 2
     out = args.out or Path("runs") / f"h2h-{args.setting}"
     try:
         overrides = parse_overrides(args.set, SETTINGS[args.setting])

@@ -8,6 +8,7 @@ import json
 import sys
 
 from . import __version__
+from ._cli_format import HelpFormatter
 from .models import PRESETS, MegalodonConfig
 
 
@@ -24,8 +25,8 @@ TRAIN_HELP = {
     "preset": "model preset ({})".format(", ".join(sorted(PRESETS))),
     "config": "a TOML run config (same keys as these options, plus a [model] table); flags win",
     "data": "training text: file, directory (recursive), glob, .jsonl (text or prompt/response), .gz/.xz; "
-            "repeatable. Default: the running Python's standard library sources",
-    "val_data": "validation text (repeatable); default: a deterministic split of --data",
+            "repeatable [the running Python's standard library sources]",
+    "val_data": "validation text (repeatable) [a deterministic split of --data]",
     "tokenizer": "'byte' or a tokenizer.json / tokenizer directory",
     "seq_len": "tokens per training sequence",
     "batch_size": "sequences per step per process (global batch = batch x ranks x grad-accum)",
@@ -35,9 +36,10 @@ TRAIN_HELP = {
                         "evaluation is unchanged",
     "lr": "peak learning rate (AdamW)",
     "min_lr_ratio": "the cosine schedule decays to lr x this",
-    "warmup_steps": "linear warm-up steps",
-    "max_steps": "optimizer steps (the schedule's horizon)",
-    "max_time": "wall-clock budget: seconds or 90s / 10m / 2h; 'none' for no limit (counts across resumes)",
+    "warmup_steps": "linear warm-up steps; more than --max-steps is an error [min(100, max-steps / 10)]",
+    "max_steps": "optimizer steps (the schedule's horizon); with --resume, a larger value trains on",
+    "max_time": "wall-clock budget of the whole job, final evaluation and sample included: seconds or 90s / 10m / "
+                "2h; 'none' for no limit. It counts across resumes: with --resume, a larger value trains on",
     "weight_decay": "AdamW weight decay, on all parameters as in the reference",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon",
     "grad_clip": "gradient-norm clipping threshold",
@@ -47,13 +49,14 @@ TRAIN_HELP = {
     "save_every": "checkpoint every N steps", "keep_last": "checkpoints kept",
     "log_every": "log a metrics line every N steps",
     "sample_tokens": "tokens of the text sample at the end (0 = none)", "sample_prompt": "prompt of that sample",
-    "out": "run directory (default: a new runs/megalodon-<date>-<time>)",
-    "resume": "continue the run in --out (default: the newest under runs/) from its latest checkpoint",
+    "out": "run directory [a new runs/megalodon-<date>-<time>]",
+    "resume": "continue the run in --out [the newest under runs/] from its latest checkpoint; only run-time "
+              "options, --max-steps and --max-time may change",
     "init_from": "start a new run from another run directory's weights and architecture (fresh optimizer)",
-    "cache_dir": "tokenized-data cache directory (default ~/.cache/megalodon-lm)",
+    "cache_dir": "tokenized-data cache directory [~/.cache/megalodon-lm]",
     "seed": "random seed (initialisation and data order)", "device": "auto, cpu or cuda",
     "dtype": "fp32, or bf16 autocast with fp32 master weights", "compile": "torch.compile the model",
-    "threads": "torch CPU threads", "progress": "auto, bar, plain or none",
+    "threads": "torch CPU threads [torch's choice]", "progress": "auto, bar, plain or none",
     "tensorboard": "write TensorBoard logs when tensorboard is installed",
     "parallel": "under torchrun: auto (ddp with several processes), ddp, fsdp (FSDP2, one unit per block) or none",
     "chunk_parallel": "under torchrun: K ranks share each sequence in K contiguous pieces (--seq-len divisible "
@@ -65,7 +68,8 @@ TRAIN_HELP = {
 def _add_train_parser(sub) -> None:
     from .training.config import TrainConfig
 
-    p = sub.add_parser("train", help="train a Megalodon model (default: the stdlib corpus, a few minutes on CPU)",
+    p = sub.add_parser("train", help="train a Megalodon model (with no options: a small model on the Python "
+                       "standard library's sources, 8 minutes on a CPU)",
                        description="Train a Megalodon language model. Defaults in brackets.")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -73,14 +77,17 @@ def _add_train_parser(sub) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        text = f"{TRAIN_HELP[f.name]} [{default if default not in ([], None) else '-'}]"
+        text = TRAIN_HELP[f.name]
+        if not text.endswith("]"):  # the default in brackets, where the text does not state it
+            shown = repr(default) if isinstance(default, str) and default.strip() != default else default
+            text += f" [{shown if default not in ([], None) else '-'}]"
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(default, list):
             p.add_argument(flag, action="append", default=None, metavar="PATH", help=text)
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            if f.name == "threads":
+            if f.name in ("threads", "warmup_steps"):  # None defaults of int options
                 kind = int
             p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--config", default=None, metavar="FILE.toml", help=TRAIN_HELP["config"])
@@ -117,19 +124,30 @@ def _cmd_consolidate(args: argparse.Namespace) -> int:
 
 def _add_consolidate_parser(sub) -> None:
     c = sub.add_parser("consolidate", help="gather a distributed run's sharded checkpoint into model.safetensors",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     c.add_argument("run_dir", help="run directory")
-    c.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    c.add_argument("--step", type=int, default=None, help="checkpoint step [the latest]")
     c.set_defaults(func=_cmd_consolidate)
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import warnings
+
+    from tqdm import tqdm
+
     from .data.sources import iter_documents, resolve_sources
     from .data.tokenizer import train_bpe
 
     paths = resolve_sources(args.data)
-    texts = (doc.text.decode("utf-8", errors="replace") for p in paths for doc in iter_documents(p))
-    tok = train_bpe(texts, args.vocab_size, args.out)
+    bar = sys.stderr.isatty()
+    files = tqdm(paths, desc="reading", unit="file", disable=not bar)
+    texts = (doc.text.decode("utf-8", errors="replace") for p in files for doc in iter_documents(p))
+    with warnings.catch_warnings(record=True) as caught:  # a smaller vocabulary: one line, not a traceback line
+        warnings.simplefilter("always")
+        tok = train_bpe(texts, args.vocab_size, args.out, progress=bar)
+    files.close()
+    for w in caught:
+        print(f"megalodon-lm: warning: {w.message}", file=sys.stderr)
     print(f"wrote {args.out}: vocab {tok.vocab_size}, eos id {tok.eos_id}")
     return 0
 
@@ -138,7 +156,7 @@ def _add_tokenizer_parser(sub) -> None:
     tp = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = tp.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer locally (HF tokenizers)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     t.add_argument("--data", action="append", required=True, metavar="PATH", help="training text (repeatable)")
     t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size including specials")
     t.add_argument("--out", required=True, help="output tokenizer.json")
@@ -155,14 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megalodon-lm",
         description="Megalodon long-context language models: exact streaming, runs on CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"megalodon-lm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="stream text through a small model and check streaming is exact (default command)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "demo", help="stream text through a small model and check that streaming is exact",
+        formatter_class=HelpFormatter,
     )
     demo.add_argument("--preset", default="nano", choices=sorted(PRESETS), help="model preset")
     demo.add_argument("--length", type=int, default=1000, help="number of input bytes to stream")
@@ -171,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser(
         "info", help="print a preset's (or a config file's) fields and parameter count",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     info.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
     info.add_argument("--config", default=None, help="a JSON config file instead of a preset")
@@ -203,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"megalodon-lm: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training starts, or a second Ctrl-C: nothing half-written is kept
+        print("megalodon-lm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@ import transformers (slow, and optional: the `hf` extra)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from typing import Any
+
+from ._cli_format import HelpFormatter
 
 
 def _convert_module():
-    try:
-        from .hf import convert
-    except ImportError as err:
-        raise ValueError(f"this command needs the `hf` extra: pip install 'megalodon-lm[hf]' ({err})") from err
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("this command needs the `hf` extra: pip install 'megalodon-lm[hf]'")
+    from .hf import convert
+
     return convert
 
 
@@ -30,14 +33,16 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def add_hf_parsers(subparsers: Any) -> None:
     """Register `export-hf RUN_DIR OUT_DIR` and `import-hf HF_DIR RUN_DIR` on an `add_subparsers()` object."""
     p = subparsers.add_parser("export-hf", help="export a run directory as a Hugging Face transformers directory",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+                              formatter_class=HelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `megalodon-lm train`")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory for the transformers model (config.json, "
+                   "model.safetensors and the tokenizer files)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step [the latest]")
     p.set_defaults(func=_cmd_export)
     q = subparsers.add_parser("import-hf", help="make a run directory from a Hugging Face transformers directory",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("hf_dir", metavar="HF_DIR")
-    q.add_argument("run_dir", metavar="RUN_DIR")
-    q.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer path when HF_DIR has no tokenizer")
+                              formatter_class=HelpFormatter)
+    q.add_argument("hf_dir", metavar="HF_DIR", help="a transformers directory written by `export-hf`")
+    q.add_argument("run_dir", metavar="RUN_DIR", help="new run directory to create")
+    q.add_argument("--tokenizer", default=None,
+                   help="'byte' or a tokenizer path, needed when HF_DIR has no tokenizer [HF_DIR's]")
     q.set_defaults(func=_cmd_import)

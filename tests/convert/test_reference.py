@@ -38,7 +38,7 @@ def source_model(seed: int = 0, **overrides: Any) -> MegalodonLM:
 def write_reference(ckpt: Path, config: MegalodonConfig, weights: Any, *, tokenizer_path: str = SP_PATH,
                     model_fields: dict[str, Any] | None = None, mp: int = 1, dtype: str = "fp32",
                     weights_name: str = "consolidated.pth") -> Path:
-    """Write a reference consolidated checkpoint directory (reference-spec §9.6) holding `weights`."""
+    """Write a reference consolidated checkpoint directory (docs/architecture.md §9.4) holding `weights`."""
     ckpt.mkdir(parents=True, exist_ok=True)
     model = {**config.to_dict(), **(model_fields or {})}
     ref = {"model": model, "tokenizer": {"path": tokenizer_path, "additional_vocab_size": 0,

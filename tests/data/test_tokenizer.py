@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import random
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from tokenizers import Tokenizer, models
 
 from megalodon_lm.data import ByteTokenizer, HFTokenizer, load_tokenizer, save_tokenizer, train_bpe
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+# Tiny Shakespeare ships with the example run (examples/tinyshakespeare.toml), xz-compressed.
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "examples" / "tinyshakespeare.txt.xz"
 UNICODE = "héllo wörld — ελληνικά, 中文, emoji 😀🚀\n\ttabs and\r\nCRLF\x00"
 
 
@@ -96,15 +98,28 @@ def test_hf_tokenizer_leaves_caller_object_alone(bpe: HFTokenizer):
     assert original.encode_special_tokens is False
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="shared tinyshakespeare not available")
 def test_bpe_on_tinyshakespeare(tmp_path: Path):
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:100_000]
+    with lzma.open(SHAKESPEARE, "rt", encoding="utf-8") as f:
+        text = f.read(100_000)
     tok = train_bpe([text], vocab_size=512, out_path=tmp_path / "tok.json")
     sample = text[50_000:52_000]
     ids = tok.encode(sample)
     assert tok.decode(ids) == sample
     assert len(sample) / len(ids) > 2.0
     assert sum(tok.token_byte_lengths()[i] for i in ids) == len(sample.encode())
+
+
+def test_train_bpe_warns_when_the_vocabulary_is_smaller_than_asked(tmp_path: Path, capsys):
+    with pytest.warns(UserWarning, match=r"the trained vocabulary has \d+ tokens, fewer than the 8192 asked"):
+        tok = train_bpe(["a small text, a small text."], vocab_size=8192, out_path=tmp_path / "tok.json")
+    assert tok.vocab_size < 8192
+    from megalodon_lm.cli import main
+
+    data = tmp_path / "small.txt"
+    data.write_text("a small text, a small text.\n")
+    assert main(["tokenizer", "train", "--data", str(data), "--out", str(tmp_path / "cli.json")]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("megalodon-lm: warning: the trained vocabulary has") and "wrote" in out
 
 
 def test_train_bpe_rejects_tiny_vocab(tmp_path: Path):

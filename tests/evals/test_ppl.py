@@ -131,8 +131,10 @@ def test_cli_on_tiny_run(tmp_path, capsys):
                                  "16,64,whole", "--score-tokens", "64", "--max-docs", "1", "--refresh",
                                  "--out", str(out), "--plot", str(plot)])
     assert args.func(args) == 0
-    table = capsys.readouterr().out
+    table, log = capsys.readouterr()
     assert "whole" in table and "bpb" in table
+    # Not a terminal: one progress line per context length on stderr, as each finishes.
+    assert [line.split(":")[0] for line in log.splitlines()] == ["context 16", "context 64", "context whole"]
     res = json.loads(out.read_text())
     assert [r["context"] for r in res["results"]] == [16, 64, None]
     assert all(r["n_bytes"] == 64 for r in res["results"])

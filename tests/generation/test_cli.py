@@ -51,6 +51,13 @@ def _api_text(run_dir, prompt: str, n: int, **kwargs) -> str:
     return tok.decode(generate(model, [ids], max_new_tokens=n, **kwargs)[0].tolist())
 
 
+def test_echo_prints_the_prompt_first(run_dir, capsys):
+    code, out, _ = _cli(capsys, str(run_dir), "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0",
+                        "--echo")
+    assert code == 0
+    assert out == PROMPT + _api_text(run_dir, PROMPT, 8, temperature=0, eos_token_id=256)
+
+
 def test_greedy_text_equals_the_api(run_dir, capsys):
     code, out, err = _cli(capsys, str(run_dir), "--prompt", PROMPT, "--max-new-tokens", "24", "--temperature", "0")
     assert code == 0

@@ -9,7 +9,9 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from megalodon_lm import MegalodonConfig, generate  # noqa: E402
+from megalodon_lm import generate  # noqa: E402
+
+from .helpers import hf_model, make_run, random_ids  # noqa: E402
 
 
 def _hf():
@@ -18,21 +20,8 @@ def _hf():
     return hf
 
 
-def _model(seed: int = 0, **overrides):
-    hf = _hf()
-    cfg = MegalodonConfig.from_preset("nano", **{"chunk_size": 8, "num_layers": 2, **overrides})
-    torch.manual_seed(seed)
-    model = hf.MegalodonForCausalLM(hf.MegalodonHFConfig.from_megalodon_config(cfg)).eval()
-    with torch.no_grad():  # nonzero biases / norm offsets so that misplaced terms show
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters():
-            if bool((p == 0).all()):
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def _ids(b=2, n=13, seed=3):
-    return torch.randint(0, 256, (b, n), generator=torch.Generator().manual_seed(seed))
+_model = hf_model
+_ids = random_ids
 
 
 def test_config_fields_and_registration():
@@ -121,15 +110,6 @@ def test_generate_with_eos_matches_library():
     assert bool((ref[:, n:] == eos).all())
 
 
-def test_left_padding_is_refused():
-    model = _model()
-    ids = _ids(b=2, n=6)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    with pytest.raises(ValueError, match="left padding"):
-        model(ids, attention_mask=mask)
-
-
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the deprecated alias is the API under test
 def test_gradient_checkpointing_same_loss_and_grads():
     model = _model().train()
@@ -150,26 +130,12 @@ def test_gradient_checkpointing_same_loss_and_grads():
     assert not model.model.gradient_checkpointing
 
 
-def _make_run(run_dir, tok, vocab_size):
-    from megalodon_lm import MegalodonLM
-    from megalodon_lm.data.tokenizer import save_tokenizer
-    from megalodon_lm.training.checkpoint import TOKENIZER_DIR, init_run_dir, save_checkpoint
-
-    cfg = MegalodonConfig.from_preset("nano", chunk_size=8, num_layers=2, vocab_size=vocab_size)
-    torch.manual_seed(5)
-    model = MegalodonLM(cfg)
-    init_run_dir(run_dir, cfg, {}, resume=False)
-    save_tokenizer(tok, run_dir / TOKENIZER_DIR)
-    save_checkpoint(run_dir, 7, model, None, None, {"step": 7})
-    return model.eval()
-
-
 def test_export_import_byte_run(tmp_path):
     hf = _hf()
     from megalodon_lm.data.tokenizer import ByteTokenizer, load_tokenizer
     from megalodon_lm.training.checkpoint import load_run
 
-    ref = _make_run(tmp_path / "run", ByteTokenizer(), 257)
+    ref = make_run(tmp_path / "run", ByteTokenizer(), 257)
     ids = _ids(n=10)
     hf.export_hf(tmp_path / "run", tmp_path / "hf")
     loaded = hf.MegalodonForCausalLM.from_pretrained(tmp_path / "hf")
@@ -188,12 +154,12 @@ def test_export_import_bpe_run_and_cli(tmp_path):
 
     from transformers import PreTrainedTokenizerFast
 
-    from megalodon_lm.data.tokenizer import train_bpe
     from megalodon_lm.training.checkpoint import load_run
 
-    text = ["the quick brown fox jumps over the lazy dog " * 20, "hello world, hello megalodon " * 20]
-    tok = train_bpe(text, 300, tmp_path / "bpe.json", min_frequency=1)
-    ref = _make_run(tmp_path / "run", tok, tok.vocab_size)
+    from .helpers import make_bpe
+
+    tok = make_bpe(tmp_path / "bpe.json")
+    ref = make_run(tmp_path / "run", tok, tok.vocab_size)
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     from megalodon_lm.hf_cli import add_hf_parsers

@@ -9,9 +9,8 @@ import torch
 
 from megalodon_lm import MegalodonConfig, MegalodonLM
 
-# /work/main/tests/models/helpers.py -> parents[2] = repo root; its parent holds `shared/`.
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-GOLDEN = SHARED / "testdata" / "golden"
+# tests/models/helpers.py -> tests/testdata/golden (committed with the tests; see its README.md).
+GOLDEN = Path(__file__).resolve().parents[1] / "testdata" / "golden"
 GOLDEN_MODELS = ("basic", "swiglu_tied_scaled", "one_head_odd_chunk")
 BUFFER_SUFFIXES = ("prior_count", "prior_mean", "prior_logv")
 

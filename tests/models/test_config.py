@@ -52,7 +52,7 @@ def test_reference_preset_counts():
 
 
 def test_pg19_style_tied_count():
-    """mega1.3B_pg19 (SwiGLU F=3584, tied, scaled embedding): 1.328B in spec §1.7."""
+    """mega1.3B_pg19 (SwiGLU F=3584, tied, scaled embedding): 1.328B in docs/architecture.md §6.2."""
     cfg = MegalodonConfig.from_preset(
         "1.3B", ffn_hidden_dim=3584, swiglu=True, scale_emb=True, share_emb=True
     )

@@ -1,4 +1,4 @@
-"""Reference initialisation statistics (spec §1.6, §2.2, §5)."""
+"""Reference initialisation statistics (docs/architecture.md §1.6, §2.2, §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared fixtures for the ops tests: location of the shared golden vectors."""
+"""Shared fixtures for the ops tests: location of the golden vectors, the Triton device."""
 
 from __future__ import annotations
 
@@ -6,16 +6,13 @@ from pathlib import Path
 
 import pytest
 
-# The repository is /work/main and the shared material lives beside it, in /work/shared.
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-GOLDEN = SHARED / "testdata" / "golden"
+# tests/ops/conftest.py -> tests/testdata/golden (committed with the tests; see its README.md).
+GOLDEN = Path(__file__).resolve().parents[1] / "testdata" / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """Directory of the golden float64 vectors; skips the test when ../shared is absent."""
-    if not GOLDEN.is_dir():
-        pytest.skip(f"shared golden vectors not found at {GOLDEN} (../shared absent)")
+    """Directory of the golden float64 vectors. They are part of the repository, so a missing file fails."""
     return GOLDEN
 
 
@@ -48,7 +45,8 @@ def triton_device():
     if not isinstance(tl.standard.sum, InterpretedFunction):
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it): "
                     "its interpreter cannot run the kernels in this process")
-    for name in ("megalodon_lm.ops.cema.triton_kernels", "megalodon_lm.ops.timestep_norm.triton_kernels"):
+    for name in ("megalodon_lm.ops.cema.triton_kernels", "megalodon_lm.ops.timestep_norm.triton_kernels",
+                 "megalodon_lm.ops.fused.triton_kernels"):
         module = sys.modules.get(name) or importlib.import_module(name)
         if not isinstance(module.__dict__[next(k for k in vars(module) if k.endswith("_kernel"))],
                           InterpretedFunction):

@@ -25,7 +25,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def raw_params(D: int, N: int, seed: int, dtype=F64) -> dict[str, torch.Tensor]:
-    """Random raw CEMA parameters with the reference shapes (spec §2.1), a spread of decay rates."""
+    """Random raw CEMA parameters with the reference shapes (docs/architecture.md §2.1), a spread of decay rates."""
     g = torch.Generator().manual_seed(seed)
     return {
         "alpha": (torch.randn(D, N, 1, generator=g, dtype=F64) * 1.0).to(dtype),
@@ -78,7 +78,7 @@ def test_coefficients_match_spec_formulas():
 
 
 def test_coefficients_low_precision_params_computed_in_float32():
-    """bf16 raw parameters are upcast: coefficients in float32 / complex64 (spec §2.3)."""
+    """bf16 raw parameters are upcast: coefficients in float32 / complex64 (docs/architecture.md §2.3)."""
     p = raw_params(4, 2, seed=2, dtype=torch.bfloat16)
     c = coefs(p)
     assert c.p.dtype == torch.float32

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from megalodon_lm.ops import timestep_norm, timestep_norm_naive, timestep_norm_prefix
+from megalodon_lm.ops.timestep_norm import timestep_norm_prefix_fn
 
 F64 = torch.float64
 EPS = 1e-5
@@ -72,7 +73,7 @@ def test_golden_op_timestep_norm(golden_dir, impl):
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_matches_pooled_statistics_definition(impl):
-    """Inclusive pooled mean / population variance of all scalars of the group over tokens <= t (spec §3.1).
+    """Inclusive pooled mean / population variance of all scalars of the group, tokens <= t (architecture.md §3.1).
 
     With a zero-count prior the prior is irrelevant, so a random (mean, var) prior gives the same result.
     Tol 1e-11 relative.
@@ -150,7 +151,8 @@ def test_right_padding_mask(prior):
 
 
 def test_general_mask_prefix_matches_naive():
-    """Pads anywhere (leading, interleaved), the mask semantics of spec §3.1(6): prefix == naive (1e-10)."""
+    """Pads anywhere (leading, interleaved), the mask semantics of docs/architecture.md §3.1 (item 6):
+    prefix == naive (1e-10)."""
     B, L, D, G = 3, 10, 6, 2
     valid = torch.tensor(
         [[False, False, True, True, False, True, True, True, False, True],
@@ -173,14 +175,17 @@ def _tn_grads(fn, leaves, G, count, valid, wts):
     return torch.autograd.grad(loss, leaves)
 
 
+@pytest.mark.parametrize("fn", [timestep_norm_prefix, timestep_norm_prefix_fn], ids=["autograd", "hand_written"])
+@pytest.mark.parametrize("L", [1, 7, 16])
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "right_pad"])
-def test_prefix_gradients_match_naive(masked):
+def test_prefix_gradients_match_naive(masked, L, fn):
     """Gradients of a random functional of (y, final mean, final var) w.r.t. x, weight, bias, incoming
-    mean and var (prior count > 0, one zero-count row): rel 1e-9."""
-    B, L, D, G = 3, 7, 8, 2
+    mean and var (prior count > 0, one zero-count row): rel 1e-9. Both the autograd prefix path and the
+    lean path's hand-written backward (prefix_fn.py), whose outputs must also equal the prefix path's."""
+    B, D, G = 3, 8, 2
     x, w, b = rand_inputs(B, L, D, seed=30)
     count, mean, var = rand_prior(B, G, seed=31, counts=[4, 0, 11])
-    valid = right_pad_mask(torch.tensor([7, 3, 5]), L) if masked else None
+    valid = right_pad_mask(torch.tensor([L, min(L, 3), 0]), L) if masked else None
     g = torch.Generator().manual_seed(32)
     wts = (torch.randn(B, L, D, generator=g, dtype=F64), torch.randn(B, G, generator=g, dtype=F64),
            torch.randn(B, G, generator=g, dtype=F64))
@@ -190,9 +195,11 @@ def test_prefix_gradients_match_naive(masked):
         return [t.clone().requires_grad_(True) for t in (x, w, b, mean, var)]
 
     g_ref = _tn_grads(timestep_norm_naive, leaves(), G, count, valid, wts)
-    g_out = _tn_grads(timestep_norm_prefix, leaves(), G, count, valid, wts)
+    g_out = _tn_grads(fn, leaves(), G, count, valid, wts)
     for name, a, r in zip(names, g_out, g_ref, strict=True):
         assert rel(a, r) <= 1e-9, name
+    _assert_same(fn(x, w, b, G, EPS, count, mean, var, valid=valid),
+                 timestep_norm_prefix(x, w, b, G, EPS, count, mean, var, valid=valid), tol=1e-14)
     # incoming mean/var matter only for counted rows; the zero-count row's prior gets no gradient
     assert g_out[3][1].abs().max() == 0 and g_out[4][1].abs().max() == 0
 
@@ -297,7 +304,7 @@ def test_float32_prefix_long_sequence_precision():
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_bf16_input_float32_stats(impl):
     """bf16 x with float32 state: y bf16 (float32 result rounded, elementwise <= 2^-8 rel + 1e-6),
-    statistics keep the state's float32 dtype (spec §3.1(7))."""
+    statistics keep the state's float32 dtype (docs/paper-deviations.md: the reference keeps the buffer dtype)."""
     B, L, D, G = 2, 5, 8, 2
     x, w, b = rand_inputs(B, L, D, seed=70)
     xb = x.to(torch.bfloat16)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import lzma
 import math
 import os
 import subprocess
@@ -19,8 +20,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = REPO / "examples" / "tinyshakespeare.txt.xz"  # the example run's data, committed
 
 TINY_MODEL: dict[str, Any] = {"num_layers": 1, "model_dim": 32, "z_dim": 16, "value_dim": 32, "num_heads": 1,
                               "ffn_hidden_dim": 64, "chunk_size": 16, "norm_num_groups": 4}
@@ -29,8 +29,7 @@ BATCH = 2
 TOKENS_PER_STEP = SEQ_LEN * BATCH
 LN2 = math.log(2)
 
-# A few kilobytes of plain ASCII prose, used when the shared tinyshakespeare file is absent and as a small,
-# fully known validation text. Deterministic, no EOS inside.
+# A few kilobytes of plain ASCII prose: a small, fully known validation text. Deterministic, no EOS inside.
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls watch from an old oak tree and "
           "count the stars that fall into the silent river below ").split()
 
@@ -50,12 +49,10 @@ def make_text(n_bytes: int, seed: int = 0) -> str:
 
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
-    """A real text file: the first 64 KB of tinyshakespeare when available, else generated prose."""
+    """A real text file: the first 64 KB of Tiny Shakespeare."""
     path = tmp_path_factory.mktemp("data") / "train.txt"
-    if SHAKESPEARE.is_file():
-        path.write_bytes(SHAKESPEARE.read_bytes()[: 64 * 1024])
-    else:
-        path.write_text(make_text(64 * 1024), encoding="ascii")
+    with lzma.open(SHAKESPEARE, "rb") as f:
+        path.write_bytes(f.read(64 * 1024))
     return path
 
 

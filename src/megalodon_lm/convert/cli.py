@@ -7,6 +7,7 @@ import sys
 import warnings
 from typing import Any
 
+from .._cli_format import HelpFormatter
 from .reference import DTYPES
 
 
@@ -35,7 +36,7 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Convert a reference Megalodon checkpoint directory (config.json, consolidate_config.json, "
                     "consolidated.pth; model-parallel size 1) into a run directory that load_run, generation "
                     "and `train --init-from` accept.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="reference consolidated checkpoint directory")
     p.add_argument("out_dir", metavar="OUT_DIR", help="new run directory to create (must hold no checkpoints)")

@@ -1,4 +1,4 @@
-"""Convert a reference Megalodon consolidated checkpoint (reference-spec §9.6) into a megalodon-lm run directory.
+"""Convert a reference consolidated checkpoint (docs/architecture.md §9.4) into a megalodon-lm run directory.
 
 Input (model-parallel size 1 only)::
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
@@ -184,11 +185,13 @@ class HFTokenizer:
 AnyTokenizer = ByteTokenizer | HFTokenizer
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path, min_frequency: int = 2) -> HFTokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path, min_frequency: int = 2,
+              progress: bool = False) -> HFTokenizer:
     """Train a byte-level BPE locally (GPT-2 style) with `<|endoftext|>` as its only special token.
 
     The vocabulary holds the special token, all 256 byte symbols, then merges up to `vocab_size` (fewer if the
-    text runs out of pairs seen `min_frequency` times). Saved as a tokenizer.json at `out_path`.
+    text runs out of pairs seen `min_frequency` times: a UserWarning then says so). Saved as a tokenizer.json at
+    `out_path`. `progress` shows the tokenizers library's own progress bars (counting, merges).
     """
     if vocab_size < 258:
         raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE: need at least 258 "
@@ -202,9 +205,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path, min_f
         special_tokens=[EOS_TOKEN],
         # All 256 bytes up front: any input stays encodable even with bytes the training text never had.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer)
+    if tok.get_vocab_size() < vocab_size:
+        warnings.warn(f"the trained vocabulary has {tok.get_vocab_size()} tokens, fewer than the {vocab_size} asked: "
+                      f"the text has no more pairs seen at least {min_frequency} times (give more text or a smaller "
+                      "vocab size)", UserWarning, stacklevel=2)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out))

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..fileio import save_safetensors
 from ..models import MegalodonConfig, MegalodonLM
 from ..training.checkpoint import (
     CHECKPOINTS_DIR,
@@ -65,7 +66,7 @@ def save_sharded(run_dir: str | Path, step: int, module: torch.nn.Module, optimi
     dist.barrier()
     model_sd, optim_sd = get_state_dict(module, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
-    save_file(_rng_tensors(), str(tmp / _rng_file(ctx.rank)))
+    save_safetensors(_rng_tensors(), str(tmp / _rng_file(ctx.rank)))
     _fsync_path(tmp / _rng_file(ctx.rank))
     dist.barrier()
     final = ckpt_root / name
@@ -124,7 +125,7 @@ def consolidate(ckpt_dir: str | Path, model_config: MegalodonConfig | None = Non
     weights = {k[len(MODEL_PREFIX):]: v for k, v in state["model"].items()}
     out = ckpt / MODEL_FILE
     tmp = ckpt / f"{TMP_PREFIX}{MODEL_FILE}-{os.getpid()}"
-    save_file(unaliased_cpu(weights), str(tmp), metadata={"format": "pt"})
+    save_safetensors(unaliased_cpu(weights), str(tmp), metadata={"format": "pt"})
     _fsync_path(tmp)
     os.replace(tmp, out)
     _fsync_path(ckpt)

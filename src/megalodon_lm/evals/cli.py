@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .harness import add_harness_parser
 from .ppl import RESET_PARTS, bpb_vs_context, load_documents, parse_contexts, parse_resets
 
 
@@ -18,6 +17,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="evaluate a trained run", description="Evaluation harnesses.")
     sub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     _add_ppl_parser(sub)
+    add_harness_parser(sub)
     return p
 
 
@@ -43,7 +43,7 @@ def _add_ppl_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reset-every", default="chunk", metavar="N|chunk",
                    help="reset period in tokens from the document start, or 'chunk' (the attention chunk) [chunk]")
     p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step [latest]")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto: cuda when available]")
     p.add_argument("--piece-tokens", type=int, default=4096, metavar="N", help="tokens per forward [4096]")
     p.add_argument("--out", default=None, metavar="JSON", help="write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a BPB vs context plot (needs matplotlib)")
@@ -115,15 +115,20 @@ def _check_args(args: argparse.Namespace) -> list[int | None]:
 
 def run_eval_ppl(args: argparse.Namespace) -> int:
     """Handler of `megalodon-lm eval ppl`: table to stdout, optional JSON and plot. Returns 0."""
+    from ..device import resolve_device
     from ..training.checkpoint import load_run  # lazy: keeps `--help` fast
 
     contexts = _check_args(args)
     resets = parse_resets(args.reset) if args.reset else []
     reset_every = parse_reset_every(args.reset_every)
+    device = resolve_device(args.device)
     documents = load_documents(args.data, args.max_docs)
-    model, tokenizer = load_run(args.run_dir, device=torch.device(args.device), step=args.step)
+    model, tokenizer = load_run(args.run_dir, device=device, step=args.step)
+    # A bar on a terminal; elsewhere (logs, CI) one line per context length as it finishes.
+    bar = sys.stderr.isatty()
     result = bpb_vs_context(model, tokenizer, documents, contexts, args.score_tokens, refresh=args.refresh,
-                            piece_tokens=args.piece_tokens, resets=resets, reset_every=reset_every)
+                            piece_tokens=args.piece_tokens, resets=resets, reset_every=reset_every, progress=bar,
+                            log=None if bar else (lambda line: print(line, file=sys.stderr, flush=True)))
     result["run_dir"] = str(args.run_dir)
     print(format_table(result))
     if args.out:

@@ -12,7 +12,7 @@ where the document starts closer. A context >= the document length therefore is 
 `None` = whole prefix: the document is streamed from x_0 with the model state carried (CEMA, TimestepNorm
 statistics, partial attention chunk), `piece_tokens` per forward; unscored pieces project no logits, so memory
 does not grow with the document. With `refresh=True` the reference's TimestepNorm statistics refresh
-(reference-spec §7.2) is applied: 2-chunk pieces, and after a piece ending at token e >= 8 chunks (with more
+(docs/architecture.md §7.2) is applied: 2-chunk pieces, and after a piece ending at token e >= 8 chunks (with more
 tokens left) the norm statistics are recomputed by a fresh run over the last 6 chunks and swapped in.
 
 Reset ablation (`resets`, `reset_every`): the whole-prefix stream again, with chosen memory paths reset to
@@ -28,13 +28,15 @@ BPB = sum NLL (nats) / ln 2 / sum of the scored tokens' byte lengths (`tokenizer
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..data.sources import iter_documents, resolve_sources
 from ..models.megalodon import MegalodonLM
@@ -228,8 +230,11 @@ def _encode_all(tokenizer: Any, documents: Iterable[bytes | str]) -> list[torch.
 
 def bpb_vs_context(model: MegalodonLM, tokenizer: Any, documents: list[bytes | str], contexts: list[int | None],
                    score_tokens: int, refresh: bool = False, piece_tokens: int = 4096,
-                   resets: Sequence[str] = (), reset_every: int | None = None) -> dict[str, Any]:
+                   resets: Sequence[str] = (), reset_every: int | None = None, progress: bool = False,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """BPB of the same scored tokens (each document's last `score_tokens`) at every context length.
+
+    `progress` shows a tqdm bar over (row, document) pairs; `log` gets one line per finished row.
 
     Returns {"score_tokens", "n_documents", "refresh", "reset_every", "results": [{context, label, reset,
     reset_every, bpb, nll_per_token, nll_sum, n_tokens, n_bytes}, ...]}: one row per entry of `contexts`
@@ -264,18 +269,31 @@ def bpb_vs_context(model: MegalodonLM, tokenizer: Any, documents: list[bytes | s
     results = []
     was_training = model.training
     model.eval()
+    bar = tqdm(total=(len(contexts) + len(resets)) * len(docs), unit="doc", disable=not progress)
     try:
         with torch.inference_mode():
             for context in contexts:
-                nll = sum(float(document_nll(model, ids, f, context, piece_tokens, refresh).sum())
-                          for ids, f in zip(docs, firsts, strict=True))
+                label = "whole" if context is None else str(context)
+                bar.set_description(f"context {label}")
+                start, nll = time.perf_counter(), 0.0
+                for ids, f in zip(docs, firsts, strict=True):
+                    nll += float(document_nll(model, ids, f, context, piece_tokens, refresh).sum())
+                    bar.update(1)
                 results.append(_context_result(context, nll, n_tokens, n_bytes))
+                if log is not None:
+                    log(f"context {label}: bpb {results[-1]['bpb']:.4f} ({time.perf_counter() - start:.1f} s)")
             for reset in resets:
-                nll = sum(float(document_nll(model, ids, f, None, piece_tokens, reset=reset,
-                                             reset_every=reset_every).sum())
-                          for ids, f in zip(docs, firsts, strict=True))
+                bar.set_description(f"reset {reset}")
+                start, nll = time.perf_counter(), 0.0
+                for ids, f in zip(docs, firsts, strict=True):
+                    nll += float(document_nll(model, ids, f, None, piece_tokens, reset=reset,
+                                              reset_every=reset_every).sum())
+                    bar.update(1)
                 results.append(_context_result(None, nll, n_tokens, n_bytes, reset, reset_every))
+                if log is not None:
+                    log(f"{results[-1]['label']}: bpb {results[-1]['bpb']:.4f} ({time.perf_counter() - start:.1f} s)")
     finally:
+        bar.close()
         model.train(was_training)
     return {"score_tokens": score_tokens, "n_documents": len(docs), "refresh": refresh,
             "reset_every": reset_every if resets else None, "results": results}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device
+
 GENERATE_HELP = {
     "run_dir": "a run directory written by `megalodon-lm train`",
     "step": "load the checkpoint of this step [the latest]",
@@ -21,6 +23,7 @@ GENERATE_HELP = {
     "repetition_penalty": "CTRL repetition penalty; > 1 discourages tokens already in the prompt or output [-]",
     "seed": "sampling seed [0; with --load-state, the saved sampler state]",
     "stop_at_eos": "stop at the tokenizer's end-of-text token [on]",
+    "echo": "print the prompt before the generated text [off: only the new text]",
     "save_state": "afterwards, write the stream state here (continue later with --load-state)",
     "load_state": "continue the stream saved by --save-state; the prompt (may be empty) continues that text",
     "device": "auto, cpu, cuda or cuda:N [auto]",
@@ -47,24 +50,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help=h["repetition_penalty"])
     p.add_argument("--seed", type=int, default=None, help=h["seed"])
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True, help=h["stop_at_eos"])
+    p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=False, help=h["echo"])
     p.add_argument("--save-state", default=None, metavar="PATH", help=h["save_state"])
     p.add_argument("--load-state", default=None, metavar="PATH", help=h["load_state"])
     p.add_argument("--device", default="auto", help=h["device"])
     p.add_argument("--prefill-chunk", type=int, default=4096, metavar="N", help=h["prefill_chunk"])
     p.set_defaults(func=run_generate)
     return p
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was requested but CUDA is not available")
-    return device
 
 
 def _prompt_text(args: argparse.Namespace) -> str:
@@ -118,11 +110,11 @@ class _TextStream:
         self.n_printed = max(self.n_printed, len(text))
 
 
-def _resolve_start(args, model, tokenizer, device):
+def _resolve_start(args, model, tokenizer, device, prompt: str):
     """(prompt ids, state or None, sampling generator) for a new or a continued stream."""
     from .state_io import load_state, read_state_info
 
-    ids = tokenizer.encode(_prompt_text(args))
+    ids = tokenizer.encode(prompt)
     rng = torch.Generator(device="cpu").manual_seed(0 if args.seed is None else args.seed)
     if args.load_state is None:
         return ids or [tokenizer.eos_id], None, rng  # no prompt: start a new document
@@ -158,14 +150,17 @@ def run_generate(args: argparse.Namespace) -> int:
     from .decoding import _check_options, generate, stream_generate
     from .state_io import save_state
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if args.top_k is not None and args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {args.top_k}")
     # Bad options fail before the (possibly large) model is loaded.
     _check_options(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.repetition_penalty,
                    args.prefill_chunk)
     model, tokenizer = load_run(args.run_dir, device=device, step=args.step)
-    ids, state, rng = _resolve_start(args, model, tokenizer, device)
+    prompt = _prompt_text(args)
+    ids, state, rng = _resolve_start(args, model, tokenizer, device, prompt)
+    if args.echo:
+        _emit(prompt)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                    eos_token_id=tokenizer.eos_id if args.stop_at_eos else None, seed=rng, state=state,

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from ..fileio import save_safetensors
 from ..models import MegalodonLM, StreamState
 from ..models.validation import check_state
 from ..training.checkpoint import unaliased_cpu
@@ -70,7 +70,7 @@ def save_state(
     out = Path(path)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     try:
-        save_file(unaliased_cpu(tensors), str(tmp), metadata=metadata)
+        save_safetensors(unaliased_cpu(tensors), str(tmp), metadata=metadata)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

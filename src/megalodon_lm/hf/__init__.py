@@ -1,28 +1,32 @@
 """Hugging Face transformers adapter: `MegalodonHFConfig`, `MegalodonForCausalLM`, `MegalodonCache`.
 
-Importing this package registers model_type "megalodon_lm" with `AutoConfig` and `AutoModelForCausalLM`,
-so `AutoModelForCausalLM.from_pretrained(local_dir)` works after `import megalodon_lm.hf`. Conversion
-between run directories and transformers directories: `export_hf`, `import_hf` (see `convert`).
+model_type "megalodon_lm" is registered with `AutoConfig` and `AutoModelForCausalLM` as soon as transformers'
+Auto classes load in a process that imported `megalodon_lm` (see `megalodon_lm.integrations`). Conversion
+between run directories and transformers directories: `export_hf`, `import_hf` (see `convert`);
+docs/huggingface.md has the whole tour. Names load on first use: importing this package imports nothing
+from transformers yet.
 """
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM
+import importlib
 
-from .cache import MegalodonCache
-from .configuration import MODEL_TYPE, MegalodonHFConfig
-from .convert import export_hf, import_hf
-from .modeling import MegalodonForCausalLM, MegalodonPreTrainedModel
+from ..integrations import LORA_TARGET_MODULES, MODEL_TYPE
 
-AutoConfig.register(MODEL_TYPE, MegalodonHFConfig, exist_ok=True)
-AutoModelForCausalLM.register(MegalodonHFConfig, MegalodonForCausalLM, exist_ok=True)
+_LAZY = {
+    "MegalodonCache": "cache",
+    "MegalodonHFConfig": "configuration",
+    "UNBOUNDED_CONTEXT": "configuration",
+    "export_hf": "convert",
+    "import_hf": "convert",
+    "MegalodonForCausalLM": "modeling",
+    "MegalodonPreTrainedModel": "modeling",
+}
 
-__all__ = [
-    "MODEL_TYPE",
-    "MegalodonCache",
-    "MegalodonForCausalLM",
-    "MegalodonHFConfig",
-    "MegalodonPreTrainedModel",
-    "export_hf",
-    "import_hf",
-]
+__all__ = ["LORA_TARGET_MODULES", "MODEL_TYPE", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

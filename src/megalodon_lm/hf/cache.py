@@ -1,8 +1,9 @@
 """`MegalodonCache`: a transformers `Cache` carrying a Megalodon `StreamState`.
 
 The state has a fixed size (it does not grow with the context), so it has no per-layer key/value tensors for
-transformers to inspect. `get_seq_length()` is the number of tokens the streams have consumed (the largest
-row position), which is what `generate` uses to slice new input ids off the full sequence.
+transformers to inspect. `get_seq_length()` is the number of input columns fed so far, pads included (a
+left-padded row's stream has consumed fewer real tokens: its own `state.positions`), which is what `generate`
+uses to slice the new input ids off the full sequence.
 """
 
 from __future__ import annotations
@@ -23,13 +24,19 @@ class MegalodonCache(Cache):
         if state is not None and not isinstance(state, StreamState):
             raise TypeError(f"MegalodonCache expects a StreamState or None, got {type(state).__name__}")
         self.state = state
+        self.columns = 0 if state is None else int(state.positions.max())
+
+    def update(self, state: StreamState, columns: int) -> None:
+        """The state after a forward over `columns` more input columns."""
+        self.state = state
+        self.columns += columns
 
     def __repr__(self) -> str:
         return f"MegalodonCache(batch_size={self.batch_size}, seq_length={self.get_seq_length()})"
 
     # ------------------------------------------------------------------ facts transformers asks for
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.state is None else int(self.state.positions.max())
+        return self.columns
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1
@@ -77,6 +84,7 @@ class MegalodonCache(Cache):
 
     def reset(self) -> None:
         self.state = None
+        self.columns = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:

@@ -1,19 +1,26 @@
 """`MegalodonHFConfig`: a transformers `PreTrainedConfig` holding every `MegalodonConfig` field.
 
 `model_type` is "megalodon_lm" (not "megalodon") so that it cannot collide with a future upstream model.
-`tie_word_embeddings` mirrors `share_emb` (set one, or both to the same value).
+`tie_word_embeddings` mirrors `share_emb` (set one, or both to the same value). `max_position_embeddings` is
+`UNBOUNDED_CONTEXT` (2**31 - 1): the streaming state has a fixed size, so no context length is a limit, and
+tools that size their windows by this attribute (lm-eval's `hf` model, pipelines) must not cut at 2048.
+`save_pretrained` also writes the `auto_map` and the loader files of `remote_code`, so a saved folder loads
+with `trust_remote_code=True` in an interpreter that never imported megalodon_lm.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from transformers import PreTrainedConfig
 
+from ..integrations import MODEL_TYPE
 from ..models.config import MegalodonConfig
+from .remote_code import AUTO_MAP, write_loader_files
 
-MODEL_TYPE = "megalodon_lm"
+UNBOUNDED_CONTEXT = 2**31 - 1  # the largest int32: any tool can store it
 _FIELDS = tuple(f.name for f in dataclasses.fields(MegalodonConfig))
 
 
@@ -53,6 +60,7 @@ class MegalodonHFConfig(PreTrainedConfig):
     share_emb: bool = False
     layerwise_ckpt: bool = False
     # standard transformers fields
+    max_position_embeddings: int = UNBOUNDED_CONTEXT
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -67,6 +75,18 @@ class MegalodonHFConfig(PreTrainedConfig):
                              "they mean the same thing here (set share_emb)")
         super().__post_init__(**kwargs)
         self.to_megalodon_config()  # validates the Megalodon fields (ValueError/TypeError naming the field)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """config.json with the `auto_map`, plus the loader files it names (remote_code.py)."""
+        self.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        write_loader_files(save_directory)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
+        """A no-op: transformers calls it after loading through `auto_map`, and it would then copy this module
+        (not the loader file) into every folder saved later. `save_pretrained` writes the `auto_map` itself."""
+        return None
 
     def to_megalodon_config(self) -> MegalodonConfig:
         """The library config these fields describe."""

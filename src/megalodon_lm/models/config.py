@@ -1,4 +1,4 @@
-"""`MegalodonConfig`: the reference `ModelConf` fields and defaults (reference-spec §6.1), validated.
+"""`MegalodonConfig`: the reference `ModelConf` fields and defaults (docs/architecture.md §6.1), validated.
 
 Differences from the reference defaults: `vocab_size` defaults to 256 (the byte vocabulary) instead of
 -1 ("fill from the tokenizer"), and `z_dim % num_heads` is really checked (the reference's check is a
@@ -156,7 +156,7 @@ class MegalodonConfig:
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def num_parameters(self) -> int:
-        """Parameter count from the formulas of reference-spec §1.7 (buffers excluded)."""
+        """Parameter count from the formulas of docs/architecture.md §1.7 (buffers excluded)."""
         D, Z, E, F, N, V = (self.model_dim, self.z_dim, self.value_dim, self.ffn_hidden_dim,
                             self.cema_ndim, self.vocab_size)
         affine = D if self.norm_affine else 0

@@ -1,6 +1,6 @@
 """`MegalodonLM`: embedding -> Megalodon blocks -> TimestepNorm -> output projection, with streaming.
 
-Module and parameter names follow the reference inventory (reference-spec §1.7), so a reference
+Module and parameter names follow the reference inventory (docs/architecture.md §1.7), so a reference
 world-size-1 consolidated state dict loads with `load_state_dict(..., strict=True)`.
 """
 

@@ -1,4 +1,4 @@
-"""Multi-head complex EMA module (reference-spec §2): parameters, reference initialisation, forward."""
+"""Multi-head complex EMA module (docs/architecture.md §2): parameters, reference initialisation, forward."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Normalised feed-forward network (reference-spec §5) with the two-hop residual."""
+"""Normalised feed-forward network (docs/architecture.md §5) with the two-hop residual."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.fused import silu, swiglu
+from .lean import lean_active, prologue_linear, with_dropout
 from .norms import LayerNorm
 
 
@@ -31,13 +33,22 @@ class NormalizedFeedForwardNetwork(nn.Module):
             self.alpha.fill_(0.1 * 0.5**self.layer_id)
 
     def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """y: (B, L, D) output of the MEGA sub-layer; residual: (B, L, D) block input."""
+        """y: (B, L, D) output of the MEGA sub-layer; residual: (B, L, D) block input.
+
+        On the lean path (modules/lean.py) the SiLU activations before fc2 are rebuilt in the backward
+        from fc1's (and fc3's) outputs instead of being stored."""
         u = self.norm(y)
-        hidden = F.silu(self.fc1(u))
-        if self.fc3 is not None:
-            hidden = hidden * self.fc3(u)
-        out = self.fc2(F.dropout(hidden, self.hidden_dropout, self.training))
+        p = self.hidden_dropout if self.training else 0.0
+        pre = (self.fc1(u),) if self.fc3 is None else (self.fc1(u), self.fc3(u))
+        act = silu if self.fc3 is None else swiglu  # fused on CUDA (ops/fused)
+        if p > 0.0:
+            act = with_dropout(act, p)
+        if lean_active() and type(self.fc2) is nn.Linear:  # a wrapped fc2 (PEFT LoRA) runs as a module
+            out = prologue_linear(act, pre, self.fc2.weight, stochastic=p > 0.0)
+        else:
+            out = self.fc2(act(*pre))
         out = F.dropout(out, self.dropout, self.training)
         if self.alpha is not None:
             out = out * self.alpha
         return residual + out
+

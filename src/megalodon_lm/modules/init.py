@@ -1,4 +1,4 @@
-"""Weight initialisation of the reference (reference-spec §1.6) for projections and embeddings."""
+"""Weight initialisation of the reference (docs/architecture.md §1.6) for projections and embeddings."""
 
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
-"""The MEGA sub-layer in its Megalodon form (reference-spec §4.1): TimestepNorm -> CEMA -> RMSNorm,
+"""The MEGA sub-layer in its Megalodon form (docs/architecture.md §4.1): TimestepNorm -> CEMA -> RMSNorm,
 normalised multi-head chunk attention gated by r, and h = W_h1 mx + W_h2 (O * r) added to the input.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -12,7 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import chunk_attention
+from ..ops.fused import qk_prep, silu, silu_gate
 from .cema import ComplexEMA
+from .lean import lean_active, prologue_linear, recompute, with_dropout
 from .norms import RMSNorm
 from .timestep_norm import NormStats, TimestepNorm
 
@@ -66,35 +67,56 @@ class MovingAverageGatedAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, state: MegaLayerState | None, info: StreamInfo, freqs: torch.Tensor
     ) -> tuple[torch.Tensor, MegaLayerState | None]:
-        """x: (B, L, D) -> (x + h, new state if info.need_state)."""
-        B, L, _ = x.shape
-        H, dz, dv = self.num_heads, self.head_dim, self.value_head_dim
+        """x: (B, L, D) -> (x + h, new state if info.need_state).
+
+        With gradients recorded (and MEGALODON_TRAIN_PATH=lean, the default), the three regions below
+        store only their inputs (modules/lean.py): same numbers, about a third of the saved bytes."""
+        lean = lean_active()
         drop = self.training
-        cu = info.cu_seqlens
-        xn, norm_stats = self.timenorm(x, None if state is None else state.norm, info.valid, cu)
-        if cu is None:
-            mx, cema_h = self.cema(xn, None if state is None else state.cema, info.lengths, info.need_state)
+        run = recompute if lean else (lambda fn, *args: fn(*args))
+        def timenorm(t: torch.Tensor):
+            return self.timenorm(t, None if state is None else state.norm, info.valid, info.cu_seqlens)
+
+        # Without packed documents the lean TimestepNorm has its own backward (stores x and statistics).
+        xn, norm_stats = timenorm(x) if info.cu_seqlens is None else run(timenorm, x)
+        mx, cema_h = run(lambda t: self._cema_rmsnorm(t, state, info), xn)
+        z_raw, v_raw, r_raw = self.wz(mx), self.wv(xn), self.wr(mx)
+        out, cache_k, cache_v = run(lambda z, v: self._attention(z, v, state, info, freqs), z_raw, v_raw)
+        p = self.hidden_dropout if drop else 0.0
+        gate = silu_gate if p == 0.0 else with_dropout(silu_gate, p)
+        # A wrapped projection (PEFT LoRA, quantisation) must run as a module: it is more than its .weight.
+        if lean and type(self.wh2) is nn.Linear:
+            gated = prologue_linear(gate, (out, r_raw), self.wh2.weight, stochastic=p > 0.0)
         else:
-            mx, cema_h = self.cema(xn, need_state=info.need_state, cu_seqlens=cu)
-        mx = F.dropout(self.rmsnorm(mx), self.hidden_dropout, drop)
-
-        z = self.wz(mx).view(B, L, H, dz)
-        zf = z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
-        z = (zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + self.eps)).to(z.dtype)  # per-head RMS
-        scale = ((self.gamma + 1) / math.sqrt(dz)).view(2, 1, 1, H, dz)
-        offset = self.beta.view(2, 1, 1, H, dz)
-        q, k = (z * scale[0] + offset[0]).to(z.dtype), (z * scale[1] + offset[1]).to(z.dtype)
-        v = F.silu(self.wv(xn)).view(B, L, H, dv)
-        r = F.silu(self.wr(mx))
-
-        out, cache_k, cache_v = chunk_attention(
-            q, k, v, freqs, self.chunk_size, info.offsets,
-            None if state is None else state.attn_k, None if state is None else state.attn_v,
-            None if info.valid is None else info.lengths, self.attention_dropout if drop else 0.0, info.need_state,
-            cu_seqlens=info.cu_seqlens,
-        )
-        h = self.wh1(mx) + self.wh2(F.dropout(out.reshape(B, L, H * dv) * r, self.hidden_dropout, drop))
-        y = x + F.dropout(h, self.dropout, drop)
+            gated = self.wh2(gate(out, r_raw))
+        y = x + F.dropout(self.wh1(mx) + gated, self.dropout, drop)
         if not info.need_state:
             return y, None
         return y, MegaLayerState(norm_stats, cema_h, cache_k, cache_v)
+
+    def _cema_rmsnorm(
+        self, xn: torch.Tensor, state: MegaLayerState | None, info: StreamInfo
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """xn (B, L, D) -> (dropout(RMSNorm(CEMA(xn))) (B, L, D), final CEMA state or None)."""
+        if info.cu_seqlens is None:
+            mx, cema_h = self.cema(xn, None if state is None else state.cema, info.lengths, info.need_state)
+        else:
+            mx, cema_h = self.cema(xn, need_state=info.need_state, cu_seqlens=info.cu_seqlens)
+        return F.dropout(self.rmsnorm(mx), self.hidden_dropout, self.training), cema_h
+
+    def _attention(
+        self, z_raw: torch.Tensor, v_raw: torch.Tensor, state: MegaLayerState | None, info: StreamInfo,
+        freqs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """wz(mx) (B, L, Z), wv(xn) (B, L, E) -> attention output (B, L, H, dv) and the new key/value cache:
+        per-head RMS-normalised q/k with their affine, SiLU values, chunk attention."""
+        B, L, _ = z_raw.shape
+        H, dz, dv = self.num_heads, self.head_dim, self.value_head_dim
+        q, k = qk_prep(z_raw.view(B, L, H, dz), self.gamma, self.beta, self.eps)  # fused on CUDA (ops/fused)
+        v = silu(v_raw).view(B, L, H, dv)
+        return chunk_attention(
+            q, k, v, freqs, self.chunk_size, info.offsets,
+            None if state is None else state.attn_k, None if state is None else state.attn_v,
+            None if info.valid is None else info.lengths, self.attention_dropout if self.training else 0.0,
+            info.need_state, cu_seqlens=info.cu_seqlens,
+        )

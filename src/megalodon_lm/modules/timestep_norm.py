@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ..ops._dtypes import compute_dtype
 from ..ops.timestep_norm import timestep_norm
+from .lean import lean_active
 
 NormStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count (B,), mean (B, G), var (B, G)
 
@@ -53,6 +54,7 @@ class TimestepNorm(nn.Module):
             raise ValueError("TimestepNorm with cu_seqlens starts every document from the prior: pass stats=None")
         count, mean, var = self.initial_stats(1 if cu_seqlens is not None else x.shape[0]) if stats is None else stats
         y, count, mean, var = timestep_norm(
-            x, self.weight, self.bias, self.num_groups, self.eps, count, mean, var, valid, cu_seqlens
+            x, self.weight, self.bias, self.num_groups, self.eps, count, mean, var, valid, cu_seqlens,
+            lean=lean_active(),
         )
         return y, (count, mean, var)

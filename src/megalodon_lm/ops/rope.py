@@ -1,4 +1,4 @@
-"""Interleaved rotary position embedding (reference-spec §4.4).
+"""Interleaved rotary position embedding (docs/architecture.md §4.4).
 
 Consecutive pairs (2j, 2j+1) of a head vector form one complex number that is rotated by
 pos * freqs[j], freqs[j] = base^(-2j/d). Megalodon restarts positions at every attention chunk, so

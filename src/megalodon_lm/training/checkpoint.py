@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..fileio import save_safetensors
 from ..models import MegalodonConfig, MegalodonLM
 
 RUN_FORMAT_VERSION = 1
@@ -276,12 +277,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     name = _step_dir_name(step)
     tmp = ckpt_root / f"{TMP_PREFIX}{name}-{os.getpid()}"
     tmp.mkdir()
-    save_file(unaliased_cpu(model.state_dict()), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    save_safetensors(unaliased_cpu(model.state_dict()), str(tmp / MODEL_FILE), metadata={"format": "pt"})
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     if scheduler_state is not None:
         (tmp / SCHEDULER_FILE).write_text(_to_json(scheduler_state), encoding="utf-8")
-    save_file(_rng_tensors(), str(tmp / RNG_FILE))
+    save_safetensors(_rng_tensors(), str(tmp / RNG_FILE))
     # trainer_state.json marks completeness, so it is written last.
     (tmp / TRAINER_STATE_FILE).write_text(_to_json(trainer_state), encoding="utf-8")
     for f in tmp.iterdir():

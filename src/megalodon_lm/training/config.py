@@ -38,7 +38,7 @@ class TrainConfig:
     # optimisation (AdamW on all parameters, as the reference; betas of the paper's 7B run)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: min(100, max_steps // 10); a given value above max_steps is an error
     max_steps: int = 2000
     max_time: str | None = "8m"  # wall-clock budget ("90s", "10m", "2h"; None = no limit); counts across resumes
     weight_decay: float = 0.1
@@ -79,6 +79,8 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.warmup_steps is None:  # the default scales down for short runs; an explicit value is kept
+            self.warmup_steps = min(100, int(self.max_steps) // 10)
         if self.warmup_steps < 0 or self.sample_tokens < 0:
             raise ValueError("--warmup-steps and --sample-tokens must be >= 0")
         if isinstance(self.max_time, str) and self.max_time.strip().lower() in ("", "none"):
@@ -138,10 +140,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# Options a resumed run may change: they affect where and how it runs, not what it computes.
+# Options a resumed run may change: they affect where and how it runs, not what it computes, except --max-steps and
+# --max-time, which extend it (training/resume.py recomputes the schedule's horizon).
 RESUME_MAY_CHANGE = frozenset({"resume", "out", "progress", "threads", "device", "tensorboard", "cache_dir",
-                               "max_time", "log_every", "keep_last", "eval_every", "save_every", "sample_tokens",
-                               "sample_prompt", "parallel", "chunk_parallel", "activation_checkpointing"})
+                               "max_steps", "max_time", "log_every", "keep_last", "eval_every", "save_every",
+                               "sample_tokens", "sample_prompt", "parallel", "chunk_parallel",
+                               "activation_checkpointing"})
 
 
 def resolve_resume_config(overrides: dict[str, Any], toml_path: str | Path | None = None) -> TrainConfig:
@@ -152,7 +156,9 @@ def resolve_resume_config(overrides: dict[str, Any], toml_path: str | Path | Non
     """
     if overrides.get("init_from"):
         raise ValueError("--resume continues a run; --init-from starts a new one from weights: pick one")
-    out = overrides.get("out")
+    given = load_toml(toml_path) if toml_path else {}
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    out = given.get("out")  # a flag, else the TOML's `out`
     run_dir = Path(out) if out else default_run_dir(resume=True)
     saved_path = run_dir / "train_config.json"
     from .checkpoint import latest_checkpoint
@@ -160,8 +166,6 @@ def resolve_resume_config(overrides: dict[str, Any], toml_path: str | Path | Non
     if latest_checkpoint(run_dir) is None or not saved_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
     saved = json.loads(saved_path.read_text())
-    given = load_toml(toml_path) if toml_path else {}
-    given.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(given) - set(field_names()))
     if unknown:
         raise TypeError(f"unknown training option(s): {', '.join(unknown)}")

@@ -7,11 +7,17 @@ import sys
 
 from tqdm import tqdm
 
+from .metrics import format_duration
+
 
 class Progress:
-    """mode: auto | bar | plain | none. `write` always prints; `plain` prints only without a bar."""
+    """mode: auto | bar | plain | none. `write` always prints; `plain` prints only without a bar.
 
-    def __init__(self, mode: str, total: int, initial: int = 0) -> None:
+    `total` may be None (a time-limited run before its step time is known): the bar then shows no ETA until
+    `set_total`. A time-limited run also shows the budget left.
+    """
+
+    def __init__(self, mode: str, total: int | None, initial: int = 0) -> None:
         self.bar_mode = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.quiet = mode == "none"
         # A terminal that reports no size (some ptys) would hide the bar: give tqdm a fixed size there.
@@ -23,14 +29,17 @@ class Progress:
                          ncols=None if wide else 110, nrows=None if wide else 40)
                     if self.bar_mode else None)
 
-    def update(self, step: int, loss: float, tok_s: float, lr: float) -> None:
+    def update(self, step: int, loss: float, tok_s: float, lr: float, time_left: float | None = None) -> None:
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+            postfix = {"loss": f"{loss:.4f}", "tok_s": f"{tok_s:,.0f}", "lr": f"{lr:.2e}"}
+            if time_left is not None:
+                postfix["budget_left"] = format_duration(max(0.0, time_left))
+            self.bar.set_postfix(postfix, refresh=False)
             self.bar.refresh()
 
     def set_total(self, total: int) -> None:
-        if self.bar is not None:
+        if self.bar is not None and total != self.bar.total:
             self.bar.total = total
             self.bar.refresh()
 

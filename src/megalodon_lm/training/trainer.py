@@ -8,11 +8,14 @@ continues the exact same run (bitwise on CPU in fp32 with a fixed thread count).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,12 @@ from ..data.dataset import build_corpora, bytes_per_target, sample_batch, sample
 from ..data.packing import DocumentMaskedForward
 from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
-from ..generation.decoding import generate
+from ..device import resolve_device
+from ..generation.decoding import stream_generate
 from ..models import MegalodonConfig, MegalodonLM
 from ..models.llama_baseline import LlamaLM, arch_config, build_model, sample_llama_text, save_arch
 from ..runtime import tune_cpu_allocator
+from .budget import TimeBudget, measure_decode, measure_eval
 from .checkpoint import (
     init_run_dir,
     is_sharded,
@@ -37,12 +42,13 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
-from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics
+from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics, read_metrics
 from .progress import Progress
+from .resume import plan_resume, read_checkpoint_state
 from .schedule import WarmupCosine
 
 # With --max-time, the schedule's horizon is fixed once the warm-up ends (the warm-up does not depend on
-# it, so the learning rate stays continuous), from the step time measured after the first few steps.
+# it, so the learning rate stays continuous), from the step time measured after the first few steps (budget.py).
 CALIBRATION_MIN_STEPS = 10
 CALIBRATION_SKIP = 3  # first steps of a session are slower (allocator, caches): not timed
 EVAL_BATCH = 8  # validation windows scored per forward
@@ -61,7 +67,7 @@ class TrainResult:
     final_train_loss: float | None
     val_loss: float | None
     val_bpb: float | None
-    stopped_by: str  # "max_steps" | "max_time" | "signal"
+    stopped_by: str  # "max_steps" | "max_time" | "signal" | "nothing_left" (a --resume with no step to train)
     signal: int | None = None  # the signal number when stopped_by == "signal"
 
 
@@ -74,14 +80,6 @@ def train(config: str | Path | None = None, **options: Any) -> TrainResult:
     if options.get("resume"):
         return run_training(resolve_resume_config(options, config))
     return run_training(resolve_config(options, config))
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available")
-    return torch.device(name)
 
 
 def _model_config(cfg: TrainConfig, vocab_size: int) -> MegalodonConfig:
@@ -106,12 +104,14 @@ def _init_from_config(src: Path, vocab_size: int) -> MegalodonConfig:
 
 @torch.no_grad()
 def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_lengths: torch.Tensor,
-             device: torch.device, autocast, info: dict[str, Any] | None = None) -> tuple[float, float]:
+             device: torch.device, autocast, should_stop: Callable[[], bool] | None = None,
+             info: dict[str, Any] | None = None) -> tuple[float, float] | None:
     """Validation loss (nats per token) and bits per byte over fixed windows of the validation data.
 
     The windows are `sample_eval_windows`: all of the split when it fits in `max_tokens`, else an evenly spread
     sample of every document. `info`, when given, receives what was scored (val_sample, val_targets, val_docs,
-    val_docs_total) and the scored text bytes (val_bytes).
+    val_docs_total) and the scored text bytes (val_bytes). `should_stop` is asked before each batch; when it
+    says yes the evaluation is abandoned and None returned.
     """
     was_training = model.training
     model.eval()
@@ -121,6 +121,9 @@ def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_len
     groups = [full[i : i + EVAL_BATCH] for i in range(0, len(full), EVAL_BATCH)]
     groups += [[w] for w in windows if w[0].shape[1] != seq_len]  # a shorter last window goes alone
     for group in groups:
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            return None
         x = torch.cat([w[0] for w in group]).to(device)
         y = torch.cat([w[1] for w in group]).to(device)
         with autocast():
@@ -179,13 +182,13 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
 
 def _run_training(cfg: TrainConfig, drun) -> TrainResult:
+    t_session = time.perf_counter()  # the budget counts the whole session, data preparation included
     main = drun is None or drun.is_main
-    device = _pick_device(cfg.device) if drun is None else drun.device
+    device = resolve_device(cfg.device) if drun is None else drun.device
     if device.type == "cpu":
         tune_cpu_allocator()  # see megalodon_lm.runtime: keeps long-sequence steps from re-faulting memory
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    budget = parse_duration(cfg.max_time) if cfg.max_time else None
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.resume)
 
     # ---- everything that can fail on bad input happens before any training
@@ -194,6 +197,20 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
     if cfg.resume and drun is None and is_sharded(latest_checkpoint(run_dir)):
         raise ValueError(f"{latest_checkpoint(run_dir)} was saved by a distributed run: resume it under torchrun "
                          "(any number of processes, 1 included)")
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    if drun is not None:
+        tokens_per_step = drun.global_batch * cfg.seq_len * cfg.grad_accum
+    budget = TimeBudget(parse_duration(cfg.max_time) if cfg.max_time else None, tokens_per_step, cfg.eval_tokens,
+                        cfg.sample_tokens)
+    plan = None
+    if cfg.resume:
+        state, sched_state = read_checkpoint_state(latest_checkpoint(run_dir))
+        plan = plan_resume(cfg, run_dir, state, sched_state, budget)
+        if plan.nothing_left:  # one line, nothing evaluated or written
+            if main:
+                print(plan.nothing_left, flush=True)
+            return TrainResult(run_dir, state["step"], state["tokens"], state["elapsed"], None, None, None,
+                               "nothing_left")
     tokenizer = load_tokenizer(run_dir / "tokenizer") if cfg.resume else load_tokenizer(cfg.tokenizer)
     if cfg.resume:
         mcfg = MegalodonConfig.from_json(run_dir / "model_config.json")
@@ -219,6 +236,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
     if len(train_data.tokens) < cfg.seq_len + 1:
         raise ValueError(f"training data has {len(train_data.tokens)} tokens, fewer than one window of "
                          f"--seq-len {cfg.seq_len} + 1")
+    budget.eval_tokens = min(cfg.eval_tokens, len(val_data.tokens) - 1)  # an evaluation scores at most all of it
     with contextlib.nullcontext() if drun is None else drun.main_first():
         if main:
             init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)  # the first write: all checks passed
@@ -238,13 +256,15 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
     module = model if drun is None else drun.wrap(model)  # DDP / FSDP2: the optimizer sees the wrapped params
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
-    step, tokens, elapsed_before, horizon_fixed = 0, 0, 0.0, budget is None
+    step, tokens, elapsed_before, horizon_fixed = 0, 0, 0.0, budget.total is None
+    budget_set_horizon, horizons = False, []
     if main:
         metrics = MetricsLogger(run_dir, use_tensorboard=cfg.tensorboard)
     else:
         from ..distributed.run import NullMetrics
 
         metrics = NullMetrics()
+    evaluated_at = -1
     if cfg.resume:
         if drun is None:
             state, sched_state = load_checkpoint(latest_checkpoint(run_dir), model, optimizer)
@@ -254,7 +274,19 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
             schedule.load_state_dict(sched_state)
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         horizon_fixed = state.get("horizon_fixed", True)
+        budget_set_horizon = state.get("budget_set_horizon", False)
+        horizons = list(state.get("horizons", []))
         metrics.truncate_after(step)
+        # The run already evaluated at this step: ending here again must not log a second val line.
+        if any(r.get("step") == step and "val_loss" in r for r in read_metrics(run_dir)):
+            evaluated_at = step
+        if plan.horizon is not None:
+            schedule.max_steps = plan.horizon
+            horizon_fixed, budget_set_horizon = True, plan.horizon < cfg.max_steps
+            horizons.append({"step": step, "horizon": plan.horizon, "max_steps": cfg.max_steps,
+                             "max_time": cfg.max_time})
+            if main:
+                _record_resumed_limits(run_dir, cfg)
     else:
         metrics.truncate_after(-1)  # a fresh run in a reused directory starts a fresh metrics file
     step_fn = torch.compile(model) if cfg.compile else model
@@ -265,10 +297,14 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_session
+
     def trainer_state() -> dict[str, Any]:
         return {"step": step, "tokens": tokens, "elapsed": elapsed(), "horizon_fixed": horizon_fixed,
                 "budget_set_horizon": budget_set_horizon, "data_position": step * cfg.grad_accum,
-                "seed": cfg.seed, "max_steps": cfg.max_steps}
+                "seed": cfg.seed, "max_steps": cfg.max_steps, "max_time": cfg.max_time, "horizons": horizons,
+                **budget.state_dict()}
 
     def save() -> Path:
         if drun is not None:
@@ -276,46 +312,81 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
                                keep_last=cfg.keep_last)
 
-    t_session = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t_session
-
     n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     where = f"{device}"
     if drun is not None:
-        tokens_per_step = drun.global_batch * cfg.seq_len * cfg.grad_accum
         where = (f"{drun.ctx.world_size} processes ({drun.kind}, {drun.ctx.dp_size} data x {drun.ctx.cp_size} "
                  f"chunk ranks) on {device.type}")
-    progress = Progress(cfg.progress if main else "none", total=schedule.max_steps, initial=step)
+    # A time-limited run's length is unknown until its step time is measured: no total (and no ETA) until then.
+    progress = Progress(cfg.progress if main else "none", total=schedule.max_steps if horizon_fixed else None,
+                        initial=step)
     progress.write(f"run {run_dir}: {cfg.arch}, preset {cfg.preset!r}, {n_params:,} parameters, "
                    f"vocab {mcfg.vocab_size}, "
                    f"{len(train_data.tokens):,} train / {len(val_data.tokens):,} val tokens, "
                    f"{tokens_per_step:,} tokens per step on {where}")
+    if plan is not None and plan.note:
+        progress.write(plan.note)
 
     model.train()
     last_loss: float | None = None
     val_loss = val_bpb = None
-    evaluated_at = -1
     stopped_by = "max_steps"
-    budget_set_horizon = state.get("budget_set_horizon", False) if cfg.resume else False
-    session_steps = 0
-
-    def run_eval() -> None:
-        nonlocal val_loss, val_bpb, evaluated_at
-        eval_model = model if drun is None else drun.eval_module  # FSDP2: every rank runs the root module
-        scored: dict[str, Any] = {}
-        val_loss, val_bpb = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens, byte_lengths, device, autocast,
-                                     scored)
-        evaluated_at = step
-        metrics.log({"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb,
-                     **scored})
-        progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
+    session_steps, timed_s = 0, 0.0
+    interruptible = drun is None  # a distributed evaluation is collective: every rank finishes it
 
     with _StopFlag() as stop:
+
+        def stopping() -> bool:
+            return stop.signal is not None
+
+        def run_eval(max_tokens: int | None = None) -> bool:
+            """Evaluate (at most max_tokens) and log; False when a stop request abandoned it (nothing logged)."""
+            nonlocal val_loss, val_bpb, evaluated_at
+            eval_model = model if drun is None else drun.eval_module  # FSDP2: every rank runs the root module
+            t0 = time.perf_counter()
+            scored: dict[str, Any] = {}
+            result = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens if max_tokens is None else max_tokens,
+                              byte_lengths, device, autocast, should_stop=stopping if interruptible else None,
+                              info=scored)
+            if result is None:
+                return False
+            if max_tokens is None:
+                budget.eval_s = time.perf_counter() - t0
+            val_loss, val_bpb = result
+            evaluated_at = step
+            record = {"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb,
+                      **scored}  # what was scored: val_sample, val_targets, val_docs, val_docs_total, val_bytes
+            if max_tokens is not None:
+                record["eval_tokens"] = max_tokens  # a final evaluation shrunk to fit --max-time
+            metrics.log(record)
+            progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
+            return True
+
+        def probe_end_of_run_costs() -> None:
+            """Time one evaluation batch and a few sampled tokens, so that the budget keeps room for the end."""
+            if budget.eval_s is None:
+                n = min(budget.eval_tokens, EVAL_BATCH * cfg.seq_len)
+                eval_model = model if drun is None else drun.eval_module  # collective under FSDP2: every rank
+                budget.eval_token_s = measure_eval(
+                    lambda k: evaluate(eval_model, val_data, cfg.seq_len, k, byte_lengths, device, autocast), n)
+            if cfg.sample_tokens and drun is None:  # a distributed run samples after training, on rank 0
+                budget.decode_s = measure_decode(lambda k: sample_text(model, tokenizer, cfg.sample_prompt, k,
+                                                                       seed=cfg.seed))
+
+        def final_eval_tokens() -> int | None:
+            """None (the full evaluation), or the validation tokens that still fit in --max-time (one batch or more)."""
+            fit = budget.eval_tokens_that_fit(elapsed())
+            if drun is not None:
+                fit = drun.from_main(fit)
+            if fit >= budget.eval_tokens:
+                return None
+            n = min(budget.eval_tokens, max(fit // cfg.seq_len, EVAL_BATCH) * cfg.seq_len)  # whole windows
+            progress.write(f"--max-time {cfg.max_time}: the final evaluation scores {n:,} of {budget.eval_tokens:,} "
+                           "validation tokens, what the time left allows")
+            return n
+
         while step < schedule.max_steps:
-            out_of_time = budget is not None and elapsed() >= budget
+            out_of_time = budget.out_of_time(elapsed())
             if out_of_time if drun is None else drun.from_main(int(out_of_time)):  # rank 0's clock decides
                 stopped_by = "max_time"
                 break
@@ -333,14 +404,15 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
             session_steps += 1
             tokens += tokens_per_step
             tok_s = tokens_per_step / (time.perf_counter() - t0)
-            if session_steps == CALIBRATION_SKIP:
-                t_timed = time.perf_counter()
+            if session_steps > CALIBRATION_SKIP:  # the step alone: evaluations and saves are counted apart
+                timed_s += time.perf_counter() - t0
+                budget.step_s = timed_s / (session_steps - CALIBRATION_SKIP)
+            elif budget.step_s is None:  # a first, pessimistic figure (the first steps are the slowest)
+                budget.step_s = time.perf_counter() - t0
+            if budget.total is not None and session_steps == CALIBRATION_SKIP:
+                probe_end_of_run_costs()
             if not horizon_fixed and session_steps >= CALIBRATION_MIN_STEPS and step >= cfg.warmup_steps:
-                per_step = (time.perf_counter() - t_timed) / (session_steps - CALIBRATION_SKIP)
-                # Evaluations are forward-only (~1/3 of a training step per token): charge their share, and
-                # keep 3% of the budget for checkpoints and the final evaluation.
-                eval_share = cfg.eval_tokens / (3 * tokens_per_step * cfg.eval_every)
-                fit = step + max(1, int(0.97 * (budget - elapsed()) / (per_step * (1 + eval_share))))
+                fit = step + max(1, budget.steps_that_fit(elapsed(), cfg.eval_every))
                 if drun is not None:
                     fit = drun.from_main(fit)  # every rank keeps rank 0's horizon
                 budget_set_horizon = fit < schedule.max_steps
@@ -348,52 +420,78 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
                 horizon_fixed = True
                 progress.set_total(schedule.max_steps)
                 progress.write(f"--max-time {cfg.max_time}: schedule horizon fixed at {schedule.max_steps} steps")
-            progress.update(step, loss=last_loss, tok_s=tok_s, lr=lr)
+            elif not horizon_fixed and budget.step_s is not None:
+                progress.set_total(min(schedule.max_steps, step + budget.steps_that_fit(elapsed(), cfg.eval_every)))
+            progress.update(step, loss=last_loss, tok_s=tok_s, lr=lr, time_left=budget.left(elapsed()))
             if step % cfg.log_every == 0 or step == schedule.max_steps:
                 metrics.log({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                              "tokens": tokens, "tokens_per_s": tok_s, "elapsed": elapsed()})
                 progress.plain(f"step {step}/{schedule.max_steps} loss {last_loss:.4f} lr {lr:.2e} "
                                f"grad {grad_norm:.2f} {tok_s:,.0f} tok/s elapsed {format_duration(elapsed())}")
-            if step % cfg.eval_every == 0 or step == schedule.max_steps:
+            if (step % cfg.eval_every == 0 or step == schedule.max_steps) and not (interruptible and stopping()):
                 run_eval()
             if step % cfg.save_every == 0:
                 save()
-            if stop.signal is not None if drun is None else drun.any(stop.signal is not None):
+            if stopping() if drun is None else drun.any(stopping()):
                 stopped_by = "signal"
                 break
         if stopped_by == "max_steps" and budget_set_horizon:
             stopped_by = "max_time"
-        if evaluated_at != step:
-            run_eval()
+        # A stop request skips the final evaluation (and abandons one in progress): save and leave.
+        if stopped_by != "signal" and evaluated_at != step and not run_eval(final_eval_tokens()):
+            stopped_by = "signal"
         path = save()
-    progress.close()
-    metrics.close()
-    if drun is not None:
-        model = drun.finish(path)  # rank 0: model.safetensors for generation / export, and the sample's model
-        if not main:
-            return TrainResult(run_dir, step, tokens, elapsed(), last_loss, val_loss, val_bpb, stopped_by,
-                               stop.signal)
-    print(f"stopped by {stopped_by} at step {step} ({tokens:,} tokens, {format_duration(elapsed())}); "
-          f"val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}; checkpoint {path}", flush=True)
-    if stopped_by != "signal":
-        plot = plot_metrics(run_dir)
-        if plot:
-            print(f"curves: {plot}")
-        if cfg.sample_tokens:
-            text = sample_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
-            (run_dir / "sample.txt").write_text(text, encoding="utf-8")
-            print(f"sample ({run_dir / 'sample.txt'}):\n{text}")
+        progress.close()
+        metrics.close()
+        if drun is not None:
+            model = drun.finish(path)  # rank 0: model.safetensors for generation / export, and the sample's model
+            if not main:
+                return TrainResult(run_dir, step, tokens, elapsed(), last_loss, val_loss, val_bpb, stopped_by,
+                                   stop.signal)
+        val = "" if val_loss is None else f"; val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}"
+        print(f"stopped by {stopped_by} at step {step} ({tokens:,} tokens, {format_duration(elapsed())}){val}; "
+              f"checkpoint {path}", flush=True)
+        if stopped_by != "signal":
+            plot = plot_metrics(run_dir)
+            if plot:
+                print(f"curves: {plot}")
+            if cfg.sample_tokens:
+                deadline = None if budget.total is None else t_session + budget.total - elapsed_before
+                text = sample_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed,
+                                   deadline=deadline, should_stop=stopping)
+                (run_dir / "sample.txt").write_text(text, encoding="utf-8")
+                print(f"sample ({run_dir / 'sample.txt'}):\n{text}")
     return TrainResult(run_dir, step, tokens, elapsed(), last_loss, val_loss, val_bpb, stopped_by, stop.signal)
 
 
-def sample_text(model: MegalodonLM, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
-    """The end-of-training sample: prompt + up to max_new_tokens sampled tokens (temperature 0.8, top-k 40)."""
+def sample_text(model: MegalodonLM, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0,
+                deadline: float | None = None, should_stop: Callable[[], bool] | None = None) -> str:
+    """The end-of-training sample: prompt + up to max_new_tokens sampled tokens (temperature 0.8, top-k 40).
+
+    Generation stops early at `deadline` (a time.perf_counter() value) or when `should_stop()` says so.
+    """
     if isinstance(model, LlamaLM):
         return sample_llama_text(model, tokenizer, prompt, max_new_tokens, seed)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
-    new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
-                   eos_token_id=tokenizer.eos_id, seed=seed)[0].tolist()
+    new: list[int] = []
+    steps = stream_generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
+                            eos_token_id=tokenizer.eos_id, seed=seed)
+    with contextlib.closing(steps):  # an early stop closes the generator, which restores the model's mode
+        for tokens in steps:
+            new.append(int(tokens[0]))
+            if (deadline is not None and time.perf_counter() >= deadline) or (should_stop and should_stop()):
+                break
     return prompt + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+
+
+def _record_resumed_limits(run_dir: Path, cfg: TrainConfig) -> None:
+    """train_config.json follows a resume that raised --max-steps / --max-time (atomically replaced)."""
+    path = run_dir / "train_config.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved.update(max_steps=cfg.max_steps, max_time=cfg.max_time)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _grad_norm(norm: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Readable reference for Megalodon's chunk attention (reference-spec §4.3-4.4).
+"""Readable reference for Megalodon's chunk attention (docs/architecture.md §4.3-4.4).
 
 The sequence is cut into chunks of C tokens; attention is causal inside a chunk and never crosses a
 chunk boundary; RoPE positions restart at 0 in every chunk; logits are q.k with no 1/sqrt(d) (that

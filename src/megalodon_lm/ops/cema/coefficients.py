@@ -1,4 +1,4 @@
-"""CEMA coefficients (reference-spec §2.3) from the raw parameters.
+"""CEMA coefficients (docs/architecture.md §2.3) from the raw parameters.
 
     p  = sigmoid(alpha)                                   (D, N) real
     q  = (1 - p * sigmoid(delta)) * exp(i * n * phi_d)    (D, N) complex, |q| < 1

@@ -1,4 +1,4 @@
-"""CEMA by FFT convolution, the reference's training path (reference-spec §2.5-2.6), without D*N*L tensors.
+"""CEMA by FFT convolution, the reference's training path (docs/architecture.md §2.5-2.6), no D*N*L tensors.
 
     y = k * x (causal, length L)  +  Re(sum_n eta_n q_n^(t+1) h0_n)  +  omega x
     k_{aT+b} = Re(sum_n (eta p q^b)_n (q^(aT))_n)     built as one (L/T, 2N) x (2N, T) matmul per channel

@@ -1,4 +1,4 @@
-"""Readable reference CEMA: the recurrence of reference-spec §2.4, one time step at a time.
+"""Readable reference CEMA: the recurrence of docs/architecture.md §2.4, one time step at a time.
 
     h_t = p * x_t + q * h_{t-1}          h in C^N per channel
     y_t = Re(sum_n eta_n h_{t,n}) + omega * x_t

@@ -1,4 +1,4 @@
-"""Readable reference TimestepNorm (reference-spec §3.1): Welford merges, one token at a time.
+"""Readable reference TimestepNorm (docs/architecture.md §3.1): Welford merges, one token at a time.
 
 Per row and group, each real token is one observation carrying its group mean m_t and population
 variance v_t. With running (c, mu, var) and c' = c + 1:

@@ -16,6 +16,8 @@ The result does not depend on K, so K is detached.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .._dtypes import compute_dtype
@@ -43,6 +45,29 @@ def timestep_norm_prefix(
     B, L, D = x.shape
     if L == 0:
         return x.new_zeros(B, 0, D), count, mean, var
+    xg, st = prefix_statistics(x, num_groups, count, mean, var, valid)
+    y = normalize(xg, st.mu, st.var_raw.clamp(min=0.0), weight, bias, eps, valid)
+    return (y.to(x.dtype), *final_statistics(st, count, mean, var))
+
+
+class PrefixStats(NamedTuple):
+    """Running statistics of every token (ACC precision unless noted), see the module docstring."""
+
+    m: torch.Tensor  # (B, L, G) per-token group mean, compute dtype
+    w: torch.Tensor  # (B, L, 1) 1 for real tokens, 0 for padding
+    shift: torch.Tensor  # (B, 1, G) K
+    c: torch.Tensor  # (B, L, 1) running count c_t
+    centred_mean: torch.Tensor  # (B, L, G) mu_t - K
+    mu: torch.Tensor  # (B, L, G) running mean
+    var_raw: torch.Tensor  # (B, L, G) running variance before clamping at 0
+
+
+def prefix_statistics(
+    x: torch.Tensor, num_groups: int, count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+    valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, PrefixStats]:
+    """x (B, L, D) -> (x in the compute dtype as (B, L, G, D/G), the running statistics)."""
+    B, L, D = x.shape
     G = num_groups
     dt = compute_dtype(x, mean)
     xg = x.to(dt).view(B, L, G, D // G)
@@ -69,19 +94,32 @@ def timestep_norm_prefix(
     s1 = c0 * (mu0 - shift) + torch.cumsum(w * dm, dim=1)
     s2 = c0 * (var0 + (mu0 - shift).pow(2)) + torch.cumsum(w * (v.to(ACC) + dm.pow(2)), dim=1)
     centred_mean = s1 / safe
-    mu = shift + centred_mean
-    var_t = (s2 / safe - centred_mean.pow(2)).clamp(min=0.0)
+    var_raw = s2 / safe - centred_mean.pow(2)
+    return xg, PrefixStats(m, w, shift, c, centred_mean, shift + centred_mean, var_raw)
 
+
+def normalize(xg: torch.Tensor, mu: torch.Tensor, var_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              eps: float, valid: torch.Tensor | None) -> torch.Tensor:
+    """(xg - mu) / sqrt(var + eps) * (weight + 1) + bias, zero at padding: (B, L, D) in xg's dtype."""
+    B, L, G, Dg = xg.shape
+    dt = xg.dtype
     y = (xg - mu.to(dt).unsqueeze(-1)) * torch.rsqrt(var_t.to(dt).unsqueeze(-1) + eps)
-    y = y.reshape(B, L, D) * (weight.to(dt) + 1) + bias.to(dt)
+    y = y.reshape(B, L, G * Dg) * (weight.to(dt) + 1) + bias.to(dt)
     if valid is not None:
         y = y * valid.unsqueeze(-1).to(dt)
+    return y
 
-    c_end = c[:, -1, 0]
-    seen = (c_end > c0.view(B)).view(B, 1)
-    mu_end = torch.where(seen, mu[:, -1], mean.to(ACC))
-    var_end = torch.where(seen, var_t[:, -1], var.to(ACC))
-    return y.to(x.dtype), c_end.round().to(torch.long), mu_end.to(mean.dtype), var_end.to(var.dtype)
+
+def final_statistics(
+    st: PrefixStats, count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, var) after the segment; rows without a real token keep the incoming ones."""
+    B = count.shape[0]
+    c_end = st.c[:, -1, 0]
+    seen = (c_end > count.to(ACC).view(B)).view(B, 1)
+    mu_end = torch.where(seen, st.mu[:, -1], mean.to(ACC))
+    var_end = torch.where(seen, st.var_raw[:, -1].clamp(min=0.0), var.to(ACC))
+    return c_end.round().to(torch.long), mu_end.to(mean.dtype), var_end.to(var.dtype)
 
 
 def _prefix_varlen(
