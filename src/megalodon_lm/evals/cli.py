@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .harness import add_harness_parser
-from .ppl import RESET_PARTS, bpb_vs_context, load_documents, parse_contexts, parse_resets
+from .ppl import RESET_PARTS, bpb_vs_context, load_documents, parse_contexts, parse_resets, positive_int
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -92,15 +92,7 @@ def write_plot(result: dict[str, Any], path: str | Path) -> bool:
 
 def parse_reset_every(spec: str) -> int | None:
     """'chunk' -> None (the model's attention chunk), '512' -> 512. Raises ValueError otherwise."""
-    if spec.strip().lower() == "chunk":
-        return None
-    try:
-        value = int(spec)
-    except ValueError:
-        raise ValueError(f"--reset-every: {spec!r} is neither a positive integer nor 'chunk'") from None
-    if value < 1:
-        raise ValueError(f"--reset-every must be >= 1, got {value}")
-    return value
+    return None if spec.strip().lower() == "chunk" else positive_int(spec.strip(), "--reset-every", "chunk")
 
 
 def _check_args(args: argparse.Namespace) -> list[int | None]:

@@ -69,6 +69,17 @@ def parse_resets(spec: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def positive_int(item: str, option: str, word: str) -> int:
+    """int(item) >= 1, else ValueError naming the option and the accepted word ('whole', 'chunk')."""
+    try:
+        value = int(item)
+    except ValueError:
+        raise ValueError(f"{option}: {item!r} is neither a positive integer nor {word!r}") from None
+    if value < 1:
+        raise ValueError(f"{option}: must be >= 1, got {value}")
+    return value
+
+
 def parse_contexts(spec: str) -> list[int | None]:
     """"512,2048,whole" -> [512, 2048, None]. Raises ValueError for anything else."""
     out: list[int | None] = []
@@ -76,13 +87,7 @@ def parse_contexts(spec: str) -> list[int | None]:
         if item.lower() in ("whole", "all", "none", "inf"):
             out.append(None)
             continue
-        try:
-            value = int(item)
-        except ValueError:
-            raise ValueError(f"--contexts: {item!r} is neither a positive integer nor 'whole'") from None
-        if value < 1:
-            raise ValueError(f"--contexts: context lengths must be >= 1, got {value}")
-        out.append(value)
+        out.append(positive_int(item, "--contexts", "whole"))
     if not out:
         raise ValueError("--contexts: give at least one context length")
     return out
