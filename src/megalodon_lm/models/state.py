@@ -99,6 +99,19 @@ class StreamState:
                       for ls in out.layers]
         return out
 
+    def with_reset(self, fresh: StreamState, cema: bool = False, norm: bool = False) -> StreamState:
+        """This state with chosen memory paths taken from `fresh` (e.g. `model.init_state(B)`).
+
+        cema: every layer's CEMA hidden state; norm: every TimestepNorm's running statistics (each layer's and
+        the final norm's). The attention's partial chunk and the positions are kept: attention never looks
+        past its chunk, so at a chunk boundary (empty partial chunk) resetting both equals a fresh stream.
+        """
+        layers = [
+            MegaLayerState(f.norm if norm else ls.norm, f.cema if cema else ls.cema, ls.attn_k, ls.attn_v)
+            for ls, f in zip(self.layers, fresh.layers, strict=True)
+        ]
+        return StreamState(layers, fresh.final_norm if norm else self.final_norm, self.positions)
+
     # ------------------------------------------------------------------ flat dict form
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Flat {name: tensor} (complex CEMA states as real (..., 2)), e.g. for safetensors files."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.dataset import build_corpora, bytes_per_target, eval_windows, sample_batch
+from ..data.dataset import build_corpora, bytes_per_target, sample_batch, sample_eval_windows
 from ..data.packing import DocumentMaskedForward
 from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
@@ -103,16 +103,19 @@ def _init_from_config(src: Path, vocab_size: int) -> MegalodonConfig:
 
 @torch.no_grad()
 def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_lengths: torch.Tensor,
-             device: torch.device, autocast, should_stop: Callable[[], bool] | None = None
-             ) -> tuple[float, float] | None:
+             device: torch.device, autocast, should_stop: Callable[[], bool] | None = None,
+             info: dict[str, Any] | None = None) -> tuple[float, float] | None:
     """Validation loss (nats per token) and bits per byte over fixed windows of the validation data.
 
-    `should_stop` is asked before each batch; when it says yes the evaluation is abandoned and None returned.
+    The windows are `sample_eval_windows`: all of the split when it fits in `max_tokens`, else an evenly spread
+    sample of every document. `info`, when given, receives what was scored (val_sample, val_targets, val_docs,
+    val_docs_total) and the scored text bytes (val_bytes). `should_stop` is asked before each batch; when it
+    says yes the evaluation is abandoned and None returned.
     """
     was_training = model.training
     model.eval()
     nll, count, n_bytes = 0.0, 0, 0
-    windows = list(eval_windows(corpus, seq_len, max_tokens))
+    windows, described = sample_eval_windows(corpus, seq_len, max_tokens)
     full = [w for w in windows if w[0].shape[1] == seq_len]
     groups = [full[i : i + EVAL_BATCH] for i in range(0, len(full), EVAL_BATCH)]
     groups += [[w] for w in windows if w[0].shape[1] != seq_len]  # a shorter last window goes alone
@@ -128,6 +131,8 @@ def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_len
         count += int((y != -100).sum())
         n_bytes += int(bytes_per_target(y.cpu(), byte_lengths))
     model.train(was_training)
+    if info is not None:
+        info.update(described, val_bytes=n_bytes)
     return nll / max(count, 1), nll / math.log(2) / max(n_bytes, 1)
 
 
@@ -381,15 +386,18 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
             nonlocal val_loss, val_bpb, evaluated_at
             eval_model = model if drun is None else drun.eval_module  # FSDP2: every rank runs the root module
             t0 = time.perf_counter()
+            scored: dict[str, Any] = {}
             result = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens if max_tokens is None else max_tokens,
-                              byte_lengths, device, autocast, should_stop=stopping if interruptible else None)
+                              byte_lengths, device, autocast, should_stop=stopping if interruptible else None,
+                              info=scored)
             if result is None:
                 return False
             if max_tokens is None:
                 budget.eval_s = time.perf_counter() - t0
             val_loss, val_bpb = result
             evaluated_at = step
-            record = {"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb}
+            record = {"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb,
+                      **scored}  # what was scored: val_sample, val_targets, val_docs, val_docs_total, val_bytes
             if max_tokens is not None:
                 record["eval_tokens"] = max_tokens  # a final evaluation shrunk to fit --max-time
             metrics.log(record)
