@@ -320,12 +320,14 @@ def build_corpora(sources: list[Path] | None, tokenizer: Any, cache_dir: str | P
             return _load_cache(final, fingerprint)
         except (ValueError, OSError, KeyError):
             shutil.rmtree(final, ignore_errors=True)  # damaged by hand or by a full disk: build it again
-    cache_root.mkdir(parents=True, exist_ok=True)
     # Build in a private temporary folder and rename it into place: readers never see a half-written cache,
     # and two processes building the same corpus at once cannot corrupt each other.
     tmp = cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        if cache_root.exists() and not cache_root.is_dir():
+            raise ValueError(f"the tokenized-data cache {cache_root} is not a directory (--cache-dir)")
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         meta = _tokenize_to(tmp, tokenizer, train_files, val_files, val_fraction, progress)
         meta["fingerprint"] = fingerprint
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -335,6 +337,13 @@ def build_corpora(sources: list[Path] | None, tokenizer: Any, cache_dir: str | P
             if not (final / "meta.json").exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: use its identical files
+    except OSError as exc:  # read-only or full: one line naming the place and the way out
+        shutil.rmtree(tmp, ignore_errors=True)
+        culprit = None if exc.filename is None else Path(exc.filename).resolve()
+        if culprit is not None and culprit != cache_root.resolve() and cache_root.resolve() not in culprit.parents:
+            raise  # a source file that cannot be read: not the cache's fault
+        raise ValueError(f"cannot write the tokenized-data cache in {cache_root}: {exc.strerror or exc}; "
+                         "pass a writable --cache-dir") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

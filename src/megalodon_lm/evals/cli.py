@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..outputs import check_output_file, write_text_atomic
+from ..runtime import add_threads_argument, check_threads, set_threads
 from .harness import add_harness_parser
 from .ppl import RESET_PARTS, bpb_vs_context, load_documents, parse_contexts, parse_resets, positive_int
 
@@ -47,6 +49,7 @@ def _add_ppl_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--piece-tokens", type=int, default=4096, metavar="N", help="tokens per forward [4096]")
     p.add_argument("--out", default=None, metavar="JSON", help="write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a BPB vs context plot (needs matplotlib)")
+    add_threads_argument(p)
     p.set_defaults(func=run_eval_ppl)
     return p
 
@@ -102,18 +105,25 @@ def _check_args(args: argparse.Namespace) -> list[int | None]:
         raise ValueError(f"--max-docs must be >= 1, got {args.max_docs}")
     if args.piece_tokens < 1:
         raise ValueError(f"--piece-tokens must be >= 1, got {args.piece_tokens}")
+    check_threads(args.threads)
+    # Output paths are checked before the (long) evaluation: results that cannot be written would be lost.
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     return parse_contexts(args.contexts)
 
 
 def run_eval_ppl(args: argparse.Namespace) -> int:
     """Handler of `megalodon-lm eval ppl`: table to stdout, optional JSON and plot. Returns 0."""
     from ..device import resolve_device
-    from ..training.checkpoint import load_run  # lazy: keeps `--help` fast
+    from ..training.loading import load_run  # lazy: keeps `--help` fast
 
     contexts = _check_args(args)
     resets = parse_resets(args.reset) if args.reset else []
     reset_every = parse_reset_every(args.reset_every)
     device = resolve_device(args.device)
+    set_threads(args.threads)
     documents = load_documents(args.data, args.max_docs)
     model, tokenizer = load_run(args.run_dir, device=device, step=args.step)
     # A bar on a terminal; elsewhere (logs, CI) one line per context length as it finishes.
@@ -122,9 +132,12 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
                             piece_tokens=args.piece_tokens, resets=resets, reset_every=reset_every, progress=bar,
                             log=None if bar else (lambda line: print(line, file=sys.stderr, flush=True)))
     result["run_dir"] = str(args.run_dir)
-    print(format_table(result))
+    print(format_table(result), flush=True)  # on stdout first: a failed write below loses nothing
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    if args.plot and not write_plot(result, args.plot):
-        print("note: matplotlib is not installed; no plot written", file=sys.stderr)
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    try:
+        if args.plot and not write_plot(result, args.plot):
+            print("note: matplotlib is not installed; no plot written", file=sys.stderr)
+    except OSError as exc:
+        raise ValueError(f"cannot write --plot {args.plot}: {exc.strerror or exc}") from exc
     return 0

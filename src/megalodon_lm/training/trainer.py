@@ -8,12 +8,9 @@ continues the exact same run (bitwise on CPU in fp32 with a fixed thread count).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,21 +28,21 @@ from ..device import resolve_device
 from ..generation.decoding import stream_generate
 from ..models import MegalodonConfig, MegalodonLM
 from ..models.llama_baseline import LlamaLM, arch_config, build_model, sample_llama_text, save_arch
-from ..runtime import tune_cpu_allocator
+from ..outputs import check_output_dir
+from ..runtime import set_threads, tune_cpu_allocator
 from .budget import TimeBudget, measure_decode, measure_eval
-from .checkpoint import (
-    init_run_dir,
-    is_sharded,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
+from .checkpoint import CHECKPOINTS_DIR, init_run_dir, is_sharded, latest_checkpoint, save_checkpoint
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
+from .fallback import check_resume_state, choose_resume_checkpoint, newest_verified_checkpoint
+from .loading import load_checkpoint, load_model_weights, read_model_config
+from .manifest import CorruptCheckpointError, NonFiniteError
+from .memory import check_memory, estimate_training_memory
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics, read_metrics
 from .progress import Progress
-from .resume import plan_resume, read_checkpoint_state
+from .resume import plan_resume, read_checkpoint_state, record_resumed_limits
+from .run_lock import lock_run_dir
 from .schedule import WarmupCosine
+from .stop import StopFlag
 
 # With --max-time, the schedule's horizon is fixed once the warm-up ends (the warm-up does not depend on
 # it, so the learning rate stays continuous), from the step time measured after the first few steps (budget.py).
@@ -95,7 +92,7 @@ def _init_from_config(src: Path, vocab_size: int) -> MegalodonConfig:
     """Fine-tuning keeps the source run's architecture; its vocabulary must match the tokenizer."""
     if latest_checkpoint(src) is None or not (src / "model_config.json").is_file():
         raise FileNotFoundError(f"--init-from: no checkpoint in {src}")
-    mcfg = MegalodonConfig.from_json(src / "model_config.json")
+    mcfg = read_model_config(src / "model_config.json")
     if mcfg.vocab_size != vocab_size:
         raise ValueError(f"--init-from {src}: its vocabulary ({mcfg.vocab_size}) differs from the tokenizer's "
                          f"({vocab_size}); use the source run's tokenizer ({src / 'tokenizer'})")
@@ -137,29 +134,6 @@ def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_len
     return nll / max(count, 1), nll / math.log(2) / max(n_bytes, 1)
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM request a clean stop: the current step finishes, a checkpoint is saved."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C aborts at once
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) one training run described by a validated `TrainConfig`.
 
@@ -171,32 +145,66 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if not is_torchrun():
         if cfg.chunk_parallel > 1:
             raise ValueError("--chunk-parallel needs several processes: launch with torchrun (docs/distributed.md)")
-        return _run_training(cfg, None)
+        with contextlib.ExitStack() as hold:  # holds the run directory's lock until the run is over
+            return _run_training(cfg, None, hold)
     from ..distributed.run import DistributedRun
 
     drun = DistributedRun(cfg)
     try:
-        return _run_training(cfg, drun)
+        with contextlib.ExitStack() as hold:
+            return _run_training(cfg, drun, hold)
     finally:
         drun.close()
 
 
-def _run_training(cfg: TrainConfig, drun) -> TrainResult:
+def _check_memory(cfg: TrainConfig, mcfg: MegalodonConfig, device: torch.device, drun) -> None:
+    """Refuse a model that cannot fit before building it (training/memory.py); --no-memory-check skips this."""
+    if not cfg.memory_check:
+        return
+    batch, shards, processes = cfg.batch_size, 1, 1
+    if drun is not None:
+        shards = drun.ctx.world_size if drun.kind == "fsdp" else 1
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    estimate = estimate_training_memory(mcfg, batch, cfg.seq_len, bf16=cfg.dtype == "bf16",
+                                        activation_checkpointing=cfg.activation_checkpointing, shards=shards)
+    check_memory(estimate, device, processes, what=f"preset {cfg.preset!r} at --batch-size {batch} --seq-len "
+                                                   f"{cfg.seq_len}")
+
+
+def _resume_checkpoint(run_dir: Path, drun) -> Path:
+    """The checkpoint a resume continues from: the newest that verifies, each skipped one reported in one line.
+    Under torchrun rank 0 verifies (it hashes every shard) and the others take its choice."""
+    if drun is None:
+        return choose_resume_checkpoint(run_dir, _report)
+    chosen, error = None, None
+    if drun.is_main:
+        try:
+            chosen = choose_resume_checkpoint(run_dir, _report)
+        except CorruptCheckpointError as exc:
+            error = exc
+    step = drun.from_main(-1 if chosen is None else int(chosen.name.split("_")[1]))
+    if step < 0:
+        raise error if error is not None else CorruptCheckpointError(f"no loadable checkpoint in {run_dir}")
+    return run_dir / CHECKPOINTS_DIR / f"step_{step:08d}"
+
+
+def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainResult:
     t_session = time.perf_counter()  # the budget counts the whole session, data preparation included
     main = drun is None or drun.is_main
     device = resolve_device(cfg.device) if drun is None else drun.device
     if device.type == "cpu":
         tune_cpu_allocator()  # see megalodon_lm.runtime: keeps long-sequence steps from re-faulting memory
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.resume)
 
     # ---- everything that can fail on bad input happens before any training
+    check_output_dir(run_dir, "output directory")  # before tokenizing: a file or read-only place fails now
     if cfg.resume and latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
     if cfg.resume and drun is None and is_sharded(latest_checkpoint(run_dir)):
         raise ValueError(f"{latest_checkpoint(run_dir)} was saved by a distributed run: resume it under torchrun "
                          "(any number of processes, 1 included)")
+    resume_from = _resume_checkpoint(run_dir, drun) if cfg.resume else None
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     if drun is not None:
         tokens_per_step = drun.global_batch * cfg.seq_len * cfg.grad_accum
@@ -204,7 +212,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
                         cfg.sample_tokens)
     plan = None
     if cfg.resume:
-        state, sched_state = read_checkpoint_state(latest_checkpoint(run_dir))
+        state, sched_state = read_checkpoint_state(resume_from)
         plan = plan_resume(cfg, run_dir, state, sched_state, budget)
         if plan.nothing_left:  # one line, nothing evaluated or written
             if main:
@@ -213,7 +221,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
                                "nothing_left")
     tokenizer = load_tokenizer(run_dir / "tokenizer") if cfg.resume else load_tokenizer(cfg.tokenizer)
     if cfg.resume:
-        mcfg = MegalodonConfig.from_json(run_dir / "model_config.json")
+        mcfg = read_model_config(run_dir / "model_config.json")
     elif cfg.init_from:
         mcfg = _init_from_config(Path(cfg.init_from), tokenizer.vocab_size)
     else:
@@ -229,6 +237,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         if cfg.document_masking or cfg.arch != "megalodon":
             raise ValueError("under torchrun only --arch megalodon without --document-masking is supported yet")
         drun.check_model(mcfg)
+    _check_memory(cfg, mcfg, device, drun)
     with contextlib.nullcontext() if drun is None else drun.main_first():  # rank 0 fills the shared cache
         train_data, val_data = build_corpora(sources, tokenizer,
                                              cfg.cache_dir or Path.home() / ".cache" / "megalodon-lm",
@@ -237,9 +246,12 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         raise ValueError(f"training data has {len(train_data.tokens)} tokens, fewer than one window of "
                          f"--seq-len {cfg.seq_len} + 1")
     budget.eval_tokens = min(cfg.eval_tokens, len(val_data.tokens) - 1)  # an evaluation scores at most all of it
+    lock = lock_run_dir(run_dir, drun)  # the first write: all checks passed. One writer per run directory.
+    if lock is not None:
+        hold.callback(lock.release)
     with contextlib.nullcontext() if drun is None else drun.main_first():
         if main:
-            init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)  # the first write: all checks passed
+            init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)
             if not cfg.resume:
                 save_tokenizer(tokenizer, run_dir / "tokenizer")
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
@@ -266,10 +278,12 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         metrics = NullMetrics()
     evaluated_at = -1
     if cfg.resume:
+        # The checkpoint chosen above was verified (manifest, JSON, finite weights); the load checks the rest.
         if drun is None:
-            state, sched_state = load_checkpoint(latest_checkpoint(run_dir), model, optimizer)
+            state, sched_state = load_checkpoint(resume_from, model, optimizer, verify=False)
         else:
-            state, sched_state = drun.load(latest_checkpoint(run_dir), optimizer)
+            state, sched_state = drun.load(resume_from, optimizer, verify=False)
+        check_resume_state(resume_from, state)
         if sched_state:
             schedule.load_state_dict(sched_state)
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -286,7 +300,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
             horizons.append({"step": step, "horizon": plan.horizon, "max_steps": cfg.max_steps,
                              "max_time": cfg.max_time})
             if main:
-                _record_resumed_limits(run_dir, cfg)
+                record_resumed_limits(run_dir, cfg)
     else:
         metrics.truncate_after(-1)  # a fresh run in a reused directory starts a fresh metrics file
     step_fn = torch.compile(model) if cfg.compile else model
@@ -307,10 +321,13 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
                 **budget.state_dict()}
 
     def save() -> Path:
-        if drun is not None:
-            return drun.save(run_dir, step, optimizer, schedule.state_dict(), trainer_state(), cfg.keep_last)
-        return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
-                               keep_last=cfg.keep_last)
+        try:
+            if drun is not None:
+                return drun.save(run_dir, step, optimizer, schedule.state_dict(), trainer_state(), cfg.keep_last)
+            return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
+                                   keep_last=cfg.keep_last)
+        except NonFiniteError as exc:
+            raise TrainingError(f"{exc}; stopping. The last good checkpoint is kept: {_last_good(run_dir)}") from exc
 
     n_params = sum(p.numel() for p in model.parameters())
     where = f"{device}"
@@ -334,7 +351,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
     session_steps, timed_s = 0, 0.0
     interruptible = drun is None  # a distributed evaluation is collective: every rank finishes it
 
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
 
         def stopping() -> bool:
             return stop.signal is not None
@@ -397,7 +414,8 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
             else:
                 last_loss = drun.backward(train_data, step, autocast)
                 _check_finite(last_loss, step, run_dir)
-            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            # grad_clip 0 = no clipping: an infinite threshold still measures the norm for the log
+            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -484,26 +502,25 @@ def sample_text(model: MegalodonLM, tokenizer, prompt: str, max_new_tokens: int,
     return prompt + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
 
 
-def _record_resumed_limits(run_dir: Path, cfg: TrainConfig) -> None:
-    """train_config.json follows a resume that raised --max-steps / --max-time (atomically replaced)."""
-    path = run_dir / "train_config.json"
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved.update(max_steps=cfg.max_steps, max_time=cfg.max_time)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _grad_norm(norm: torch.Tensor) -> float:
     # FSDP2 returns the total norm as a DTensor
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def _report(line: str) -> None:
+    print(f"megalodon-lm: {line}", file=sys.stderr, flush=True)
+
+
+def _last_good(run_dir: Path) -> str:
+    """The newest checkpoint that verifies (manifest, finite weights): what a resume would continue from."""
+    good = newest_verified_checkpoint(run_dir)
+    return str(good) if good is not None else "none saved yet"
+
+
 def _check_finite(loss: float, step: int, run_dir: Path) -> None:
     if not math.isfinite(loss):
-        last = latest_checkpoint(run_dir)
         raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; stopping. The last good checkpoint is "
-                            f"kept: {last if last else 'none saved yet'}")
+                            f"kept: {_last_good(run_dir)}")
 
 
 def _optimizer_step(step_fn, data, cfg: TrainConfig, step: int, device: torch.device, autocast, run_dir: Path) -> float:
@@ -523,9 +540,8 @@ def _optimizer_step(step_fn, data, cfg: TrainConfig, step: int, device: torch.de
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100,
                                reduction="sum") / n_scored
         if not torch.isfinite(loss.detach()):
-            last = latest_checkpoint(run_dir)
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step + 1}; stopping. The last "
-                                f"good checkpoint is kept: {last if last else 'none saved yet'}")
+                                f"good checkpoint is kept: {_last_good(run_dir)}")
         loss.backward()
         total += float(loss.detach())
     return total
