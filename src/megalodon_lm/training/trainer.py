@@ -385,7 +385,8 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
                 n = min(budget.eval_tokens, EVAL_BATCH * cfg.seq_len)
                 eval_model = model if drun is None else drun.eval_module  # collective under FSDP2: every rank
                 budget.eval_token_s = measure_eval(
-                    lambda k: evaluate(eval_model, val_data, cfg.seq_len, k, byte_lengths, device, autocast), n)
+                    lambda k: evaluate(eval_model, val_data, cfg.seq_len, k, byte_lengths, device, autocast), n,
+                    warmup_tokens=min(n, cfg.seq_len))
             if cfg.sample_tokens and drun is None:  # a distributed run samples after training, on rank 0
                 budget.decode_s = measure_decode(lambda k: sample_text(model, tokenizer, cfg.sample_prompt, k,
                                                                        seed=cfg.seed))
@@ -478,7 +479,8 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
                 text = sample_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed,
                                    deadline=deadline, should_stop=stopping)
                 (run_dir / "sample.txt").write_text(text, encoding="utf-8")
-                print(f"sample ({run_dir / 'sample.txt'}):\n{text}")
+                cut = " (cut short: --max-time ran out)" if deadline and time.perf_counter() >= deadline else ""
+                print(f"sample ({run_dir / 'sample.txt'}){cut}:\n{text}")
     return TrainResult(run_dir, step, tokens, elapsed(), last_loss, val_loss, val_bpb, stopped_by, stop.signal)
 
 
