@@ -56,7 +56,8 @@ def test_help_shows_the_public_api():
 
 
 @pytest.mark.parametrize("argv", [[], ["train"], ["export-hf"], ["import-hf"], ["consolidate"], ["eval", "ppl"],
-                                  ["generate"], ["tokenizer", "train"], ["info"], ["convert-reference"]])
+                                  ["eval", "harness"], ["generate"], ["tokenizer", "train"], ["info"],
+                                  ["convert-reference"]])
 def test_cli_help_texts(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--help"])
@@ -67,7 +68,7 @@ def test_cli_help_texts(argv, capsys):
         assert "prompt of that sample ['\\n']" in text and "[min(100, max-steps / 10)]" in text
     if argv in (["export-hf"], ["import-hf"]):
         assert "RUN_DIR a run directory" in text or "RUN_DIR new run directory" in text
-    if argv == ["eval", "ppl"]:
+    if argv in (["eval", "ppl"], ["eval", "harness"]):
         assert "[auto: cuda when available]" in text
 
 

@@ -43,7 +43,9 @@ TRAIN_HELP = {
     "weight_decay": "AdamW weight decay, on all parameters as in the reference",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon",
     "grad_clip": "gradient-norm clipping threshold; 0 = no clipping",
-    "eval_every": "evaluate every N steps", "eval_tokens": "validation tokens scored per evaluation",
+    "eval_every": "evaluate every N steps",
+    "eval_tokens": "validation targets scored per evaluation (all of a smaller split, else an evenly spread "
+                   "sample of every validation document; the metrics record what was scored)",
     "save_every": "checkpoint every N steps", "keep_last": "checkpoints kept",
     "log_every": "log a metrics line every N steps",
     "sample_tokens": "tokens of the text sample at the end (0 = none)", "sample_prompt": "prompt of that sample",
@@ -210,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .hf_cli import add_hf_parsers
 
     add_hf_parsers(sub)
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -105,3 +105,42 @@ def add_threads_argument(parser, default_help: str = "") -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads [the CPUs this process may use: its affinity mask, capped by a "
                              f"cgroup CPU quota, or OMP_NUM_THREADS{default_help}]")
+
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def bound_cpu_allocator(mmap_threshold: int = 256 * 1024, arenas: int = 2) -> bool:
+    """For long-running servers (`megalodon-lm serve`): keep glibc's footprint from creeping up.
+
+    Allocations above `mmap_threshold` bytes get mappings of their own, returned to the system when freed
+    (glibc otherwise raises the threshold after such frees and serves later large tensors from its heaps,
+    where freed blocks of varying sizes stay resident); at most `arenas` malloc arenas. Process-wide, the
+    opposite trade of `tune_cpu_allocator`; a no-op where glibc is absent. Returns True if applied.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_ARENA_MAX, arenas))
+
+
+def release_free_memory() -> bool:
+    """Return glibc's free heap pages to the system (malloc_trim); False where glibc is absent."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True

@@ -212,12 +212,14 @@ def _spy(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "impl,grad,expected",
-    [(None, True, "cema_chunked_fn"), (None, False, "cema_chunked"), ("chunk", True, "cema_chunked"),
-     ("chunk_fn", False, "cema_chunked_fn"), ("naive", True, "cema_naive")],
+    "impl,grad,lean,expected",
+    [(None, True, True, "cema_chunked_fn"), (None, True, False, "cema_chunked"), (None, False, True, "cema_chunked"),
+     ("chunk", True, True, "cema_chunked"), ("chunk_fn", False, False, "cema_chunked_fn"),
+     ("naive", True, True, "cema_naive")],
 )
-def test_dispatcher(monkeypatch, impl, grad, expected):
-    """auto takes chunk_fn when autograd records the call and chunk otherwise; the env var forces either."""
+def test_dispatcher(monkeypatch, impl, grad, lean, expected):
+    """auto takes chunk_fn on the lean training path when autograd records the call, chunk otherwise; the env
+    var forces either."""
     if impl is None:
         monkeypatch.delenv("MEGALODON_CEMA_IMPL", raising=False)
     else:
@@ -227,7 +229,7 @@ def test_dispatcher(monkeypatch, impl, grad, expected):
     leaves = _coef_leaves(D, N, seed=70)
     x = rand_x(B, L, D, seed=71).requires_grad_(grad)
     with torch.set_grad_enabled(grad):
-        y, h = cema(x, _coef([t.detach().requires_grad_(grad) for t in leaves]), need_state=True)
+        y, h = cema(x, _coef([t.detach().requires_grad_(grad) for t in leaves]), need_state=True, lean=lean)
     assert calls == [expected]
     y_ref, h_ref = cema_naive(x.detach(), _coef([t.detach() for t in leaves]))
     assert rel(y.detach(), y_ref) <= 1e-10 and rel(h.detach(), h_ref) <= 1e-10

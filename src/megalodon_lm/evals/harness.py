@@ -32,7 +32,7 @@ def add_harness_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None, metavar="N",
                    help="documents per task (a fraction if < 1) [all]; for quick checks, not reportable numbers")
     p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step of a run [latest]")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto: cuda when available]")
     p.add_argument("--piece-tokens", type=int, default=2048, metavar="N",
                    help="tokens per forward when streaming a context [2048]")
     p.add_argument("--max-gen-toks", type=int, default=256, metavar="N",
@@ -64,6 +64,7 @@ def evaluate_harness(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"`eval harness` needs lm-evaluation-harness: {EVAL_EXTRA}")
     import lm_eval
 
+    from ..device import resolve_device
     from .lm_eval_model import MegalodonEvalLM
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -75,7 +76,8 @@ def evaluate_harness(args: argparse.Namespace) -> dict[str, Any]:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--include-path {path}: not a directory")
     # The model first: a wrong path fails before lm-eval's task index is read.
-    lm = MegalodonEvalLM(str(args.model_dir), step=args.step, device=args.device, batch_size=args.batch_size,
+    lm = MegalodonEvalLM(str(args.model_dir), step=args.step, device=str(resolve_device(args.device)),
+                         batch_size=args.batch_size,
                          piece_tokens=args.piece_tokens, max_gen_toks=args.max_gen_toks)
     manager = _task_manager(tasks, args.include_path)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)

@@ -29,7 +29,7 @@ class TrainConfig:
 
     # model and data
     arch: str = "megalodon"  # megalodon | llama (HF LlamaForCausalLM matched to the preset's parameter count)
-    preset: str = "mini"  # model preset (MegalodonConfig.from_preset); `[model]` in the TOML overrides fields
+    preset: str = "3M"  # model preset (MegalodonConfig.from_preset); `[model]` in the TOML overrides fields
     data: list[str] = field(default_factory=list)  # files, directories, globs; empty = the stdlib .py corpus
     val_data: list[str] = field(default_factory=list)  # validation sources; empty = split off the training data
     tokenizer: str = "byte"  # "byte" or a path to a tokenizer.json / tokenizer directory
@@ -50,7 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # evaluation, logging, checkpoints
     eval_every: int = 200
-    eval_tokens: int = 131072  # validation targets scored per evaluation
+    eval_tokens: int = 131072  # validation targets scored per evaluation (evenly spread over every document)
     save_every: int = 500
     keep_last: int = 3
     log_every: int = 10

@@ -12,6 +12,7 @@ fits, the plan says so in one line and the trainer exits without touching the ru
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,13 @@ def plan_resume(cfg: TrainConfig, run_dir: Path, state: dict[str, Any], sched: d
                    f"{format_duration(budget.total - elapsed)} left")
     new = max(new, step + 1, int(sched["warmup_steps"]) if sched else 0)
     return ResumePlan(step, horizon=new, note=f"resume at step {step}: schedule horizon {horizon} -> {new} ({why})")
+
+
+def record_resumed_limits(run_dir: Path, cfg: TrainConfig) -> None:
+    """train_config.json follows a resume that raised --max-steps / --max-time (atomically replaced)."""
+    path = run_dir / "train_config.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved.update(max_steps=cfg.max_steps, max_time=cfg.max_time)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -8,12 +8,9 @@ continues the exact same run (bitwise on CPU in fp32 with a fixed thread count).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.dataset import build_corpora, bytes_per_target, eval_windows, sample_batch
+from ..data.dataset import build_corpora, bytes_per_target, sample_batch, sample_eval_windows
 from ..data.packing import DocumentMaskedForward
 from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
@@ -42,9 +39,10 @@ from .manifest import CorruptCheckpointError, NonFiniteError
 from .memory import check_memory, estimate_training_memory
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics, read_metrics
 from .progress import Progress
-from .resume import plan_resume, read_checkpoint_state
+from .resume import plan_resume, read_checkpoint_state, record_resumed_limits
 from .run_lock import lock_run_dir
 from .schedule import WarmupCosine
+from .stop import StopFlag
 
 # With --max-time, the schedule's horizon is fixed once the warm-up ends (the warm-up does not depend on
 # it, so the learning rate stays continuous), from the step time measured after the first few steps (budget.py).
@@ -103,16 +101,19 @@ def _init_from_config(src: Path, vocab_size: int) -> MegalodonConfig:
 
 @torch.no_grad()
 def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_lengths: torch.Tensor,
-             device: torch.device, autocast, should_stop: Callable[[], bool] | None = None
-             ) -> tuple[float, float] | None:
+             device: torch.device, autocast, should_stop: Callable[[], bool] | None = None,
+             info: dict[str, Any] | None = None) -> tuple[float, float] | None:
     """Validation loss (nats per token) and bits per byte over fixed windows of the validation data.
 
-    `should_stop` is asked before each batch; when it says yes the evaluation is abandoned and None returned.
+    The windows are `sample_eval_windows`: all of the split when it fits in `max_tokens`, else an evenly spread
+    sample of every document. `info`, when given, receives what was scored (val_sample, val_targets, val_docs,
+    val_docs_total) and the scored text bytes (val_bytes). `should_stop` is asked before each batch; when it
+    says yes the evaluation is abandoned and None returned.
     """
     was_training = model.training
     model.eval()
     nll, count, n_bytes = 0.0, 0, 0
-    windows = list(eval_windows(corpus, seq_len, max_tokens))
+    windows, described = sample_eval_windows(corpus, seq_len, max_tokens)
     full = [w for w in windows if w[0].shape[1] == seq_len]
     groups = [full[i : i + EVAL_BATCH] for i in range(0, len(full), EVAL_BATCH)]
     groups += [[w] for w in windows if w[0].shape[1] != seq_len]  # a shorter last window goes alone
@@ -128,30 +129,9 @@ def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_len
         count += int((y != -100).sum())
         n_bytes += int(bytes_per_target(y.cpu(), byte_lengths))
     model.train(was_training)
+    if info is not None:
+        info.update(described, val_bytes=n_bytes)
     return nll / max(count, 1), nll / math.log(2) / max(n_bytes, 1)
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM request a clean stop: the current step finishes, a checkpoint is saved."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C aborts at once
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
@@ -320,7 +300,7 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
             horizons.append({"step": step, "horizon": plan.horizon, "max_steps": cfg.max_steps,
                              "max_time": cfg.max_time})
             if main:
-                _record_resumed_limits(run_dir, cfg)
+                record_resumed_limits(run_dir, cfg)
     else:
         metrics.truncate_after(-1)  # a fresh run in a reused directory starts a fresh metrics file
     step_fn = torch.compile(model) if cfg.compile else model
@@ -371,7 +351,7 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
     session_steps, timed_s = 0, 0.0
     interruptible = drun is None  # a distributed evaluation is collective: every rank finishes it
 
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
 
         def stopping() -> bool:
             return stop.signal is not None
@@ -381,15 +361,18 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
             nonlocal val_loss, val_bpb, evaluated_at
             eval_model = model if drun is None else drun.eval_module  # FSDP2: every rank runs the root module
             t0 = time.perf_counter()
+            scored: dict[str, Any] = {}
             result = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens if max_tokens is None else max_tokens,
-                              byte_lengths, device, autocast, should_stop=stopping if interruptible else None)
+                              byte_lengths, device, autocast, should_stop=stopping if interruptible else None,
+                              info=scored)
             if result is None:
                 return False
             if max_tokens is None:
                 budget.eval_s = time.perf_counter() - t0
             val_loss, val_bpb = result
             evaluated_at = step
-            record = {"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb}
+            record = {"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb,
+                      **scored}  # what was scored: val_sample, val_targets, val_docs, val_docs_total, val_bytes
             if max_tokens is not None:
                 record["eval_tokens"] = max_tokens  # a final evaluation shrunk to fit --max-time
             metrics.log(record)
@@ -517,16 +500,6 @@ def sample_text(model: MegalodonLM, tokenizer, prompt: str, max_new_tokens: int,
             if (deadline is not None and time.perf_counter() >= deadline) or (should_stop and should_stop()):
                 break
     return prompt + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
-
-
-def _record_resumed_limits(run_dir: Path, cfg: TrainConfig) -> None:
-    """train_config.json follows a resume that raised --max-steps / --max-time (atomically replaced)."""
-    path = run_dir / "train_config.json"
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved.update(max_steps=cfg.max_steps, max_time=cfg.max_time)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _grad_norm(norm: torch.Tensor) -> float:

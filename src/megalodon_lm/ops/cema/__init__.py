@@ -31,6 +31,7 @@ def cema(
     lengths: torch.Tensor | None = None,
     need_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    lean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatching CEMA. x: (B, L, D) -> (y (B, L, D), final state (B, D, N) complex or None).
 
@@ -38,8 +39,9 @@ def cema(
     differentiated by autograd), chunk_fn (`cema_chunked_fn`, the same scan as one autograd Function with a
     hand-written backward that saves only x, the coefficients, h0 and the block states), triton.
     Default (auto): the Triton scan for float32/bf16/fp16 CUDA inputs when triton imports (decoding
-    included: one launch); on other devices the recurrence for L <= 2, else chunk_fn when gradients are
-    recorded (2-3x faster forward+backward, docs/cema.md) and chunk otherwise. Under torch.compile auto
+    included: one launch); on other devices the recurrence for L <= 2, else chunk_fn when `lean` (the lean
+    training path, modules/lean.py) and gradients are recorded (2-3x faster forward+backward, docs/cema.md),
+    and chunk otherwise. Under torch.compile auto
     takes chunk: Dynamo cannot trace chunk_fn's strided in-place writes, and Inductor differentiates chunk.
     cu_seqlens: packed documents over the B*L tokens (ops/varlen.py), each from a zero state; always the
     PyTorch paths (naive when forced, else `cema_varlen`); the state is then the last document's (1, D, N).
@@ -49,7 +51,7 @@ def cema(
     with torch.autocast(x.device.type, enabled=False):
         if cu_seqlens is not None:
             return _dispatch_varlen(impl, x, coef, h0, lengths, need_state, cu_seqlens)
-        return _dispatch(impl, x, coef, h0, lengths, need_state)
+        return _dispatch(impl, x, coef, h0, lengths, need_state, lean)
 
 
 def _dispatch_varlen(
@@ -66,7 +68,7 @@ def _dispatch_varlen(
 
 def _dispatch(
     impl: str, x: torch.Tensor, coef: CemaCoefficients, h0: torch.Tensor | None, lengths: torch.Tensor | None,
-    need_state: bool,
+    need_state: bool, lean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     L = x.shape[1]
     if impl == "triton" or (impl == "auto" and coef.p.dtype == torch.float32 and use_triton_auto(x)):
@@ -79,7 +81,7 @@ def _dispatch(
         return y, (h if need_state else None)
     if impl not in IMPLS:
         raise ValueError(f"MEGALODON_CEMA_IMPL must be one of {', '.join(IMPLS)}; got {impl!r}")
-    if impl == "chunk_fn" or (impl == "auto" and _records_grad(x, coef, h0)):
+    if impl == "chunk_fn" or (impl == "auto" and lean and _records_grad(x, coef, h0)):
         return cema_chunked_fn(x, coef, h0, lengths, need_state)
     return cema_chunked(x, coef, h0, lengths, need_state)
 
