@@ -119,6 +119,12 @@ def test_time_budget_reserves_the_end_of_the_run():
     assert b.steps_that_fit(50.0, eval_every=4) == 19  # (100 - 50 - (4 + 5 + 2)) / (1 + 4 / 4) = 19.5
     # Too late for a whole evaluation: the tokens that fit in what is left (2 s of the 4 s it takes).
     assert b.eval_tokens_that_fit(50.0) == 30_000 and b.eval_tokens_that_fit(91.0) == 15_000
+    # A cost measured while the machine was twice as slow (step time 2 s then, 1 s now) counts half now.
+    b.measured("eval_s", 4.0, step_s=2.0)
+    assert b.eval_estimate() == pytest.approx(2.0)
+    b.step_s = 2.0
+    assert b.eval_estimate() == pytest.approx(4.0)
+    assert b.sample_estimate() == pytest.approx(5.0)  # set without a step time of its own: not rescaled
     assert TimeBudget(None, 1000, 30_000, 100).reserve() == 0.0
 
 

@@ -7,6 +7,7 @@ continues the exact same run (bitwise on CPU in fp32 with a fixed thread count).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -48,6 +49,7 @@ from .stop import StopFlag
 # it, so the learning rate stays continuous), from the step time measured after the first few steps (budget.py).
 CALIBRATION_MIN_STEPS = 10
 CALIBRATION_SKIP = 3  # first steps of a session are slower (allocator, caches): not timed
+RECENT_STEPS = 5  # the step time the budget uses: the mean of the last few steps
 EVAL_BATCH = 8  # validation windows scored per forward
 
 
@@ -348,7 +350,7 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
     last_loss: float | None = None
     val_loss = val_bpb = None
     stopped_by = "max_steps"
-    session_steps, timed_s = 0, 0.0
+    session_steps, recent_steps = 0, collections.deque(maxlen=RECENT_STEPS)
     interruptible = drun is None  # a distributed evaluation is collective: every rank finishes it
 
     with StopFlag() as stop:
@@ -368,7 +370,7 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
             if result is None:
                 return False
             if max_tokens is None:
-                budget.eval_s = time.perf_counter() - t0
+                budget.measured("eval_s", time.perf_counter() - t0)
             val_loss, val_bpb = result
             evaluated_at = step
             record = {"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb,
@@ -379,17 +381,20 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
             progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
             return True
 
-        def probe_end_of_run_costs() -> None:
-            """Time one evaluation batch and a few sampled tokens, so that the budget keeps room for the end."""
+        def probe_end_of_run_costs(step_s: float) -> None:
+            """Time one evaluation batch and a few sampled tokens, so that the budget keeps room for the end.
+
+            `step_s`: the duration of the step just taken, the speed of the machine at this moment.
+            """
             if budget.eval_s is None:
                 n = min(budget.eval_tokens, EVAL_BATCH * cfg.seq_len)
                 eval_model = model if drun is None else drun.eval_module  # collective under FSDP2: every rank
-                budget.eval_token_s = measure_eval(
+                budget.measured("eval_token_s", measure_eval(
                     lambda k: evaluate(eval_model, val_data, cfg.seq_len, k, byte_lengths, device, autocast), n,
-                    warmup_tokens=min(n, cfg.seq_len))
+                    warmup_tokens=min(n, cfg.seq_len)), step_s)
             if cfg.sample_tokens and drun is None:  # a distributed run samples after training, on rank 0
-                budget.decode_s = measure_decode(lambda k: sample_text(model, tokenizer, cfg.sample_prompt, k,
-                                                                       seed=cfg.seed))
+                budget.measured("decode_s", measure_decode(
+                    lambda k: sample_text(model, tokenizer, cfg.sample_prompt, k, seed=cfg.seed)), step_s)
 
         def final_eval_tokens() -> int | None:
             """None (the full evaluation), or the validation tokens that still fit in --max-time (one batch or more)."""
@@ -422,14 +427,15 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
             step += 1
             session_steps += 1
             tokens += tokens_per_step
-            tok_s = tokens_per_step / (time.perf_counter() - t0)
-            if session_steps > CALIBRATION_SKIP:  # the step alone: evaluations and saves are counted apart
-                timed_s += time.perf_counter() - t0
-                budget.step_s = timed_s / (session_steps - CALIBRATION_SKIP)
+            step_seconds = time.perf_counter() - t0
+            tok_s = tokens_per_step / step_seconds
+            if session_steps > CALIBRATION_SKIP:  # the step alone (evaluations and saves are counted apart),
+                recent_steps.append(step_seconds)  # recent ones: the machine's speed drifts
+                budget.step_s = sum(recent_steps) / len(recent_steps)
             elif budget.step_s is None:  # a first, pessimistic figure (the first steps are the slowest)
-                budget.step_s = time.perf_counter() - t0
+                budget.step_s = step_seconds
             if budget.total is not None and session_steps == CALIBRATION_SKIP:
-                probe_end_of_run_costs()
+                probe_end_of_run_costs(step_seconds)
             if not horizon_fixed and session_steps >= CALIBRATION_MIN_STEPS and step >= cfg.warmup_steps:
                 fit = step + max(1, budget.steps_that_fit(elapsed(), cfg.eval_every))
                 if drun is not None:
