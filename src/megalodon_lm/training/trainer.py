@@ -11,6 +11,7 @@ import collections
 import contextlib
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -49,7 +50,8 @@ from .stop import StopFlag
 # it, so the learning rate stays continuous), from the step time measured after the first few steps (budget.py).
 CALIBRATION_MIN_STEPS = 10
 CALIBRATION_SKIP = 3  # first steps of a session are slower (allocator, caches): not timed
-RECENT_STEPS = 5  # the step time the budget uses: the mean of the last few steps
+RECENT_STEPS = 10  # the step time the budget uses: the median of the last few steps (robust to spikes)
+REPROBE_AFTER = 0.02  # before stopping, re-time the end-of-run costs if the last timing is older (of --max-time)
 EVAL_BATCH = 8  # validation windows scored per forward
 
 
@@ -351,6 +353,7 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
     val_loss = val_bpb = None
     stopped_by = "max_steps"
     session_steps, recent_steps = 0, collections.deque(maxlen=RECENT_STEPS)
+    probed_at = -math.inf  # elapsed time of the last timing of the end-of-run costs
     interruptible = drun is None  # a distributed evaluation is collective: every rank finishes it
 
     with StopFlag() as stop:
@@ -381,11 +384,16 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
             progress.write(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
             return True
 
-        def probe_end_of_run_costs(step_s: float) -> None:
+        def probe_end_of_run_costs(step_s: float | None, fresh: bool = False) -> None:
             """Time one evaluation batch and a few sampled tokens, so that the budget keeps room for the end.
 
-            `step_s`: the duration of the step just taken, the speed of the machine at this moment.
+            `step_s`: the step time at this moment (the machine's current speed). `fresh` re-times even after a
+            complete evaluation was measured: the decision to stop uses costs measured under present conditions.
             """
+            nonlocal probed_at
+            probed_at = elapsed()
+            if fresh:
+                budget.eval_s = None
             if budget.eval_s is None:
                 n = min(budget.eval_tokens, EVAL_BATCH * cfg.seq_len)
                 eval_model = model if drun is None else drun.eval_module  # collective under FSDP2: every rank
@@ -410,6 +418,9 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
 
         while step < schedule.max_steps:
             out_of_time = budget.out_of_time(elapsed())
+            if out_of_time and drun is None and elapsed() - probed_at > REPROBE_AFTER * budget.total:
+                probe_end_of_run_costs(budget.step_s, fresh=True)  # stop on costs timed now, not minutes ago
+                out_of_time = budget.out_of_time(elapsed())
             if out_of_time if drun is None else drun.from_main(int(out_of_time)):  # rank 0's clock decides
                 stopped_by = "max_time"
                 break
@@ -431,7 +442,7 @@ def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainRe
             tok_s = tokens_per_step / step_seconds
             if session_steps > CALIBRATION_SKIP:  # the step alone (evaluations and saves are counted apart),
                 recent_steps.append(step_seconds)  # recent ones: the machine's speed drifts
-                budget.step_s = sum(recent_steps) / len(recent_steps)
+                budget.step_s = statistics.median(recent_steps)
             elif budget.step_s is None:  # a first, pessimistic figure (the first steps are the slowest)
                 budget.step_s = step_seconds
             if budget.total is not None and session_steps == CALIBRATION_SKIP:
