@@ -6,6 +6,7 @@ from the repository root, e.g. `python benchmarks/model_speed.py`).
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime as _dt
 import json
@@ -28,6 +29,14 @@ RESULTS_DIR = BENCH_DIR / "results"
 
 
 # ---------------------------------------------------------------------------------------- parsing
+def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
+    """Set each option still None (not given on the command line) to its default; returns args."""
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
 def parse_lengths(text: str) -> list[int]:
     """'1K,4K,16K' or '1024,4096' -> [1024, 4096, ...]; K = 1024, M = 1024**2; '' -> []."""
     out = []

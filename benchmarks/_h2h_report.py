@@ -86,22 +86,65 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(_fmt(by_label.get(lb)) for lb in labels) + " |")
     lines.append(f"| Llama, sliding window {ctx['train_len']} | " + " | ".join(
         _fmt(ctx["llama_sliding"]) if lb == "whole" or int(lb) >= ctx["train_len"] else "-" for lb in labels) + " |")
-    pk = res["passkey"]
-    lines += ["", f"Passkey (fine-tuned {pk['steps']} steps at length {pk['train_length']}, key in an earlier "
-              f"{pk['chunk']}-token chunk than the question; {pk['trials']} trials per length; accuracy / bits "
-              "per digit, chance 0 / 3.32):", "",
-              "| model | " + " | ".join(str(r["length"]) for r in pk["megalodon"]) + " |",
-              "|---|" + "---|" * len(pk["megalodon"])]
-    for a in archs:
-        lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(f"{r['accuracy']:.2f} / {r['bits_per_digit']:.2f}"
-                                                         for r in pk[a]) + " |")
-    mq = res["mqar"]
-    lines += ["", f"MQAR (trained from scratch, {mq['steps']} steps; N = {mq['seq_len']}, {mq['num_pairs']} pairs, "
-              f"queries from position {mq['query_start']} = beyond the {mq['chunk']}-token chunk):", "",
-              "| model | params | accuracy |", "|---|---|---|"]
-    for a in archs:
-        lines.append(f"| {ARCH_LABEL[a]} | {mq[a]['params']:,} | {mq[a]['accuracy']:.3f} |")
+    lines += reset_table(res)
+    lines += probe_tables(res, archs)
     return "\n".join(lines) + "\n"
+
+
+def reset_table(res: dict[str, Any]) -> list[str]:
+    """Megalodon's reset ablation: whole-prefix BPB carried vs with each memory path reset (same scored bytes)."""
+    ctx = res["bpb_vs_context"]
+    rows = ctx.get("megalodon_reset") or []
+    if not rows:
+        return []
+    carried = next(r["bpb"] for r in ctx["megalodon"]["results"] if r["context"] is None)
+    lines = ["", "Reset ablation (Megalodon, whole prefix streamed; the named state reset to its initial value every "
+             "N tokens from the book's start; same scored bytes; reset minus carried = what that path carries):", "",
+             "| state reset | every N tokens | BPB | reset - carried |", "|---|---|---|---|",
+             f"| nothing (carried) | - | {carried:.4f} | 0 |"]
+    names = {"cema": "CEMA state", "norm": "TimestepNorm statistics", "both": "CEMA + TimestepNorm", "none": "nothing"}
+    for r in rows:
+        lines.append(f"| {names[r['reset']]} | {r['reset_every']} | {r['bpb']:.4f} | {r['bpb'] - carried:+.4f} |")
+    return lines
+
+
+def probe_tables(res: dict[str, Any], archs: list[str]) -> list[str]:
+    """Passkey and MQAR tables (each only when that probe ran)."""
+    lines: list[str] = []
+    pk = res.get("passkey")
+    if pk:
+        lines += ["", f"Passkey (fine-tuned {pk['steps']} steps at length {pk['train_length']}, key in an earlier "
+                  f"{pk['chunk']}-token chunk than the question; {pk['trials']} trials per length; accuracy / bits "
+                  "per digit, chance 0 / 3.32):", "",
+                  "| model | " + " | ".join(str(r["length"]) for r in pk["megalodon"]) + " |",
+                  "|---|" + "---|" * len(pk["megalodon"])]
+        for a in archs:
+            lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(f"{r['accuracy']:.2f} / {r['bits_per_digit']:.2f}"
+                                                             for r in pk[a]) + " |")
+        if pk["megalodon"] and pk.get("megalodon_by_distance"):
+            dists = [r["distance"] for r in pk["megalodon_by_distance"]]
+            lines += ["", f"Passkey accuracy vs distance (key line d tokens before the question, length "
+                      f"{pk['train_length']}; Megalodon's chunk {pk['chunk']}):", "",
+                      "| model | " + " | ".join(f"d = {d}" for d in dists) + " |", "|---|" + "---|" * len(dists)]
+            for a in archs:
+                lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(f"{r['accuracy']:.2f}"
+                                                                 for r in pk[a + "_by_distance"]) + " |")
+    mq = res.get("mqar")
+    if mq and mq["megalodon"].get("by_distance"):
+        bins = [(b["min"], b["max"]) for b in mq["megalodon"]["by_distance"]]
+        lines += ["", "MQAR accuracy vs distance from the query to its key (chunk "
+                  f"{mq['chunk']}):", "", "| model | " + " | ".join(f"{lo}-{hi - 1}" for lo, hi in bins) + " |",
+                  "|---|" + "---|" * len(bins)]
+        for a in archs:
+            by = {(b["min"], b["max"]): b["accuracy"] for b in mq[a].get("by_distance", [])}
+            lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(_fmt(by.get(k), ".3f") for k in bins) + " |")
+    if mq:
+        lines += ["", f"MQAR (trained from scratch, {mq['steps']} steps; N = {mq['seq_len']}, {mq['num_pairs']} "
+                  f"pairs, queries from position {mq['query_start']} = beyond the {mq['chunk']}-token chunk):", "",
+                  "| model | params | accuracy |", "|---|---|---|"]
+        for a in archs:
+            lines.append(f"| {ARCH_LABEL[a]} | {mq[a]['params']:,} | {mq[a]['accuracy']:.3f} |")
+    return lines
 
 
 def plots(res: dict[str, Any], out_dir: str | Path) -> list[str]:
@@ -134,7 +177,11 @@ def plots(res: dict[str, Any], out_dir: str | Path) -> list[str]:
     whole = [r["bpb"] for r in ctx["megalodon"]["results"] if r["context"] is None]
     if whole:
         ax.axhline(whole[0], linestyle="--", color="tab:blue", label="Megalodon, whole prefix streamed")
-    right = max(r["context"] for r in ctx["llama"]["results"])
+    colors = ("tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:olive", "tab:cyan")
+    for r, color in zip(ctx.get("megalodon_reset") or [], colors, strict=False):
+        ax.axhline(r["bpb"], linestyle="-.", color=color, linewidth=1,
+                   label=f"Megalodon, whole prefix, {r['reset']} reset every {r['reset_every']}")
+    right = max(r["context"] for r in ctx["megalodon"]["results"] if r["context"] is not None)
     ax.hlines(ctx["llama_sliding"], ctx["train_len"], right, linestyles=":", colors="tab:orange",
               label=f"Llama, sliding window {ctx['train_len']} (C >= {ctx['train_len']})")
     ax.set_xscale("log", base=2)

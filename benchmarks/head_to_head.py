@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ DEFAULT_BOOKS = default_books_dir()  # data/books (fetch_books.py's output), els
 NO_BOOKS = ("no books directory: run `python benchmarks/fetch_books.py` (downloads the 26 public-domain novels "
             "into data/books) or pass --books DIR (any folder of .txt files)")
 ARCHS = ("megalodon", "llama")
+# Setting fields that may be absent: Llama's full attention only up to llama_full_max (the sliding window
+# beyond); resets = Megalodon's reset ablation, [{"parts": [...], "every": "chunk" | N}, ...]; parallel_train =
+# train both models at once.
+OPTIONAL_KEYS = ("llama_full_max", "resets", "parallel_train")
 
 SMOKE_MODEL = dict(num_layers=2, model_dim=64, z_dim=32, value_dim=128, num_heads=1, ffn_hidden_dim=128,
                    chunk_size=32, norm_num_groups=8)
@@ -51,6 +56,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         device="cpu", threads=2, dtype="fp32", preset="nano", model=SMOKE_MODEL, train_books=2, seq_len=64,
         batch_size=4, steps=12, warmup=2, eval_every=6, lr_grid=[2e-3, 4e-3], lr_check_steps=4,
         curve_bytes=2048, final_bytes=4096, ctx_doc_bytes=4096, ctx_score_tokens=128, contexts=[32, 64, 128],
+        llama_full_max=64, resets=[dict(parts=["both"], every=64)],
         passkey=dict(length=128, test_lengths=[128, 256], steps=4, batch=4, trials=8, lr_scale=0.5),
         mqar=dict(model=SMOKE_MODEL, seq_len=64, num_pairs=4, query_start=32, steps=5, batch=8, lr=3e-3,
                   n_eval=32)),
@@ -74,6 +80,21 @@ SETTINGS: dict[str, dict[str, Any]] = {
         mqar=dict(model=dict(num_layers=2, model_dim=256, z_dim=128, value_dim=512, num_heads=2, ffn_hidden_dim=512,
                              chunk_size=256, norm_num_groups=32),
                   seq_len=1024, num_pairs=64, query_start=256, steps=2000, batch=64, lr=3e-3, n_eval=1024)),
+    "long": dict(
+        # T = 4096 = 16 Megalodon chunks of 256 (CEMA dimension 16): context beyond the chunk is only reachable
+        # through CEMA and the TimestepNorm statistics; Llama sees all of T. ~1 hour on 2 idle cores.
+        device="cpu", threads=2, dtype="fp32", preset="mini", model=dict(chunk_size=256, cema_ndim=16),
+        train_books=20, seq_len=4096, batch_size=2, steps=360, warmup=30, eval_every=60, lr_grid=[2e-3, 4e-3],
+        lr_check_steps=60, curve_bytes=16384, final_bytes=65536, ctx_doc_bytes=262144, ctx_score_tokens=4096,
+        contexts=[256, 512, 1024, 2048, 4096, 16384, 65536], llama_full_max=4096,
+        resets=[dict(parts=["cema", "norm", "both"], every="chunk"), dict(parts=["both"], every=4096)],
+        # probes: keys/queries at distances inside and beyond Megalodon's chunk, within Llama's training length
+        passkey=dict(length=1024, test_lengths=[1024, 2048, 4096], steps=300, batch=8, trials=32, lr_scale=0.5,
+                     distances=[64, 128, 256, 512, 960]),
+        mqar=dict(model=dict(num_layers=2, model_dim=128, z_dim=64, value_dim=256, num_heads=2, ffn_hidden_dim=256,
+                             chunk_size=64, norm_num_groups=16),
+                  seq_len=256, num_pairs=8, query_start=16, steps=600, batch=32, lr=3e-3, n_eval=256,
+                  distance_edges=[0, 32, 64, 128, 256])),
 }
 
 
@@ -93,9 +114,12 @@ def write_slices(books: list[Path], n_bytes: int, directory: Path) -> list[Path]
 def train_options(cfg: dict[str, Any], arch: str, lr: float, steps: int, out: Path, data: list[Path],
                   val: list[Path], cache: Path) -> dict[str, Any]:
     eval_every = min(cfg["eval_every"], steps)
+    # A shorter run (the lr check) warms up over the same fraction of its steps and then decays (cosine) like
+    # the main run, instead of spending all its steps in warm-up, which would favour the larger rate.
+    warmup = max(1, round(cfg["warmup"] * steps / cfg["steps"]))
     return dict(arch=arch, preset=cfg["preset"], model=dict(cfg["model"]), data=[str(p) for p in data],
                 val_data=[str(p) for p in val], tokenizer="byte", seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
-                lr=lr, warmup_steps=min(cfg["warmup"], steps), max_steps=steps, max_time="none", eval_every=eval_every,
+                lr=lr, warmup_steps=warmup, max_steps=steps, max_time="none", eval_every=eval_every,
                 eval_tokens=10**9, save_every=steps, keep_last=1, log_every=math.gcd(eval_every, 10), sample_tokens=0,
                 out=str(out), cache_dir=str(cache), seed=0, device=cfg["device"], dtype=cfg["dtype"],
                 threads=cfg["threads"], progress="none", tensorboard=False)
@@ -104,6 +128,9 @@ def train_options(cfg: dict[str, Any], arch: str, lr: float, steps: int, out: Pa
 def run_worker(options: dict[str, Any], log: Path) -> dict[str, Any]:
     """`megalodon_lm.train(**options)` in a fresh process; returns its result with the process's peak memory."""
     spec = log.with_suffix(".json")
+    done = spec.with_suffix(".result.json")
+    if done.is_file() and spec.is_file() and json.loads(spec.read_text()) == options:
+        return json.loads(done.read_text())  # --resume: this run already finished with the same options
     spec.write_text(json.dumps(options))
     env = dict(os.environ)
     if options.get("threads"):
@@ -154,6 +181,19 @@ def windowed_bpb(model: torch.nn.Module, docs: list[bytes], seq_len: int, device
     return {"bpb": nll / math.log(2) / n, "n_bytes": n}  # byte tokenizer: one byte per target
 
 
+def reset_stage(model: torch.nn.Module, tok: Any, docs: list[bytes], cfg: dict[str, Any], log) -> list[dict[str, Any]]:
+    """Megalodon's whole-prefix stream with CEMA / TimestepNorm state reset periodically (same scored bytes)."""
+    from megalodon_lm.evals.ppl import bpb_vs_context
+
+    rows = []
+    for spec in cfg.get("resets", []):
+        every = None if spec["every"] == "chunk" else int(spec["every"])
+        r = bpb_vs_context(model, tok, docs, [], cfg["ctx_score_tokens"], resets=spec["parts"], reset_every=every)
+        rows += r["results"]
+        log("reset ablation: " + ", ".join(f"{x['label']} {x['bpb']:.4f}" for x in r["results"]))
+    return rows
+
+
 def passkey_stage(models: dict[str, Any], cfg: dict[str, Any], lrs: dict[str, float], train_pool: torch.Tensor,
                   val_pool: torch.Tensor, tok: Any, device: torch.device, log) -> dict[str, Any]:
     from megalodon_lm.evals.passkey import evaluate_passkey, passkey_batch
@@ -170,6 +210,9 @@ def passkey_stage(models: dict[str, Any], cfg: dict[str, Any], lrs: dict[str, fl
         out[arch] = [evaluate_passkey(tuned, val_pool, tok, length, pk["trials"], seed=1, chunk=chunk)
                      for length in pk["test_lengths"]]
         out[arch + "_train"] = stats
+        out[arch + "_by_distance"] = [  # key line d tokens before the question, at the training length
+            evaluate_passkey(tuned, val_pool, tok, pk["length"], pk["trials"], seed=2, distance=d)
+            for d in pk.get("distances", [])]
         log(f"  passkey {arch}: " + ", ".join(f"{r['length']}: acc {r['accuracy']:.2f} bits/digit "
                                               f"{r['bits_per_digit']:.2f}" for r in out[arch]))
         del tuned
@@ -192,20 +235,21 @@ def mqar_stage(cfg: dict[str, Any], vocab: int, device: torch.device, log) -> di
         stats = train_probe(model, lambda s: mqar_batch(mq["batch"], mq["seq_len"], mq["num_pairs"], vocab, 0, s,
                                                         mq["query_start"]), mq["steps"], mq["lr"], log=log)
         res = evaluate_mqar(model, mq["seq_len"], mq["num_pairs"], vocab, mq["n_eval"], seed=1,
-                            query_start=mq["query_start"])
+                            query_start=mq["query_start"], distance_edges=mq.get("distance_edges"))
         out[arch] = {**res, "params": sum(p.numel() for p in model.parameters()), "train": stats}
         log(f"  mqar {arch}: accuracy {res['accuracy']:.3f}")
     return out
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run(setting: str, out: Path, books_dir: Path, cache: Path | None) -> dict[str, Any]:
+def run(setting: str, out: Path, books_dir: Path, cache: Path | None,
+        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from megalodon_lm.data.dataset import build_corpora
     from megalodon_lm.data.tokenizer import ByteTokenizer
     from megalodon_lm.evals.ppl import bpb_vs_context
     from megalodon_lm.training.checkpoint import load_run
 
-    cfg = SETTINGS[setting]
+    cfg = {**SETTINGS[setting], **(overrides or {})}
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -218,7 +262,8 @@ def run(setting: str, out: Path, books_dir: Path, cache: Path | None) -> dict[st
     train_books = split["train"][:cfg["train_books"]]
     curve_val = write_slices(split["validation"], cfg["curve_bytes"], out / "data" / "val-curve")
     cache = cache or out / "token-cache"
-    res: dict[str, Any] = {"setting": setting, "config": cfg, "system": system_info(device, torch.get_num_threads()),
+    res: dict[str, Any] = {"setting": setting, "config": cfg, "overrides": overrides or {},
+                           "system": system_info(device, torch.get_num_threads()),
                            "train_books": [p.name for p in train_books],
                            "val_books": [p.name for p in split["validation"]]}
 
@@ -227,21 +272,28 @@ def run(setting: str, out: Path, books_dir: Path, cache: Path | None) -> dict[st
     lrs = {}
     for arch in ARCHS:
         scores = {}
-        for lr in cfg["lr_grid"]:
+        for lr in cfg["lr_grid"] if len(cfg["lr_grid"]) > 1 else []:  # one candidate: nothing to check
             run_dir = out / "runs" / f"lr-check-{arch}-{lr:g}"
             r = run_worker(train_options(cfg, arch, lr, cfg["lr_check_steps"], run_dir, train_books, curve_val, cache),
                            out / "logs" / f"lr-check-{arch}-{lr:g}.log")
             scores[str(lr)] = r["val_bpb"]
             log(f"lr check {arch} lr {lr:g}: val_bpb {r['val_bpb']:.4f} ({r['elapsed']:.0f} s)")
         res["lr_check"]["bpb"][arch] = scores
-        lrs[arch] = min(cfg["lr_grid"], key=lambda lr, s=scores: (s[str(lr)], lr))
+        lrs[arch] = min(cfg["lr_grid"], key=lambda lr, s=scores: (s.get(str(lr), 0.0), lr))
 
     # 2. main training
     res["train"], res["curves"], models = {}, {}, {}
+
+    def train(arch: str) -> dict[str, Any]:
+        return run_worker(train_options(cfg, arch, lrs[arch], cfg["steps"], out / "runs" / arch, train_books,
+                                        curve_val, cache), out / "logs" / f"train-{arch}.log")
+
+    # parallel_train: both processes at once (on a shared machine each gets its own share of the cores; their
+    # tokens/s then measure the two under the same contention, not each alone)
+    with ThreadPoolExecutor(len(ARCHS) if cfg.get("parallel_train") else 1) as pool:
+        trained = dict(zip(ARCHS, pool.map(train, ARCHS), strict=True))
     for arch in ARCHS:
-        run_dir = out / "runs" / arch
-        r = run_worker(train_options(cfg, arch, lrs[arch], cfg["steps"], run_dir, train_books, curve_val, cache),
-                       out / "logs" / f"train-{arch}.log")
+        run_dir, r = out / "runs" / arch, trained[arch]
         curve = read_curve(run_dir / "metrics.jsonl")
         train_time = curve[-1]["train_time"]
         model = models[arch] = load_run(run_dir, device)[0]
@@ -264,21 +316,28 @@ def run(setting: str, out: Path, books_dir: Path, cache: Path | None) -> dict[st
                            "train_len": cfg["seq_len"]}
     ctx["megalodon"] = bpb_vs_context(models["megalodon"], tok, ctx_docs, [*cfg["contexts"], None],
                                       cfg["ctx_score_tokens"])
-    ctx["llama"] = bpb_vs_context(models["llama"], tok, ctx_docs, list(cfg["contexts"]), cfg["ctx_score_tokens"])
+    llama_max = cfg.get("llama_full_max") or max(cfg["contexts"])  # beyond it: the sliding window only
+    ctx["llama"] = bpb_vs_context(models["llama"], tok, ctx_docs, [c for c in cfg["contexts"] if c <= llama_max],
+                                  cfg["ctx_score_tokens"])
     # A sliding window of T predicts each token from at most T tokens: the windowed score at C = T.
-    ctx["llama_sliding"] = bpb_vs_context(models["llama"], tok, ctx_docs, [cfg["seq_len"]],
-                                          cfg["ctx_score_tokens"])["results"][0]["bpb"]
+    at_t = [r["bpb"] for r in ctx["llama"]["results"] if r["context"] == cfg["seq_len"]]
+    ctx["llama_sliding"] = at_t[0] if at_t else bpb_vs_context(models["llama"], tok, ctx_docs, [cfg["seq_len"]],
+                                                               cfg["ctx_score_tokens"])["results"][0]["bpb"]
     for a in ARCHS:
         ctx[a]["n_bytes"] = ctx[a]["results"][0]["n_bytes"]
         log(f"bpb vs context {a}: " + ", ".join(f"{r['label']} {r['bpb']:.3f}" for r in ctx[a]["results"]))
+    ctx["megalodon_reset"] = reset_stage(models["megalodon"], tok, ctx_docs, cfg, log)
     res["bpb_vs_context"] = ctx
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")  # kept if a probe fails
 
     # 5. passkey, 6. MQAR
     corpus, _ = build_corpora(train_books, tok, cache, val_sources=curve_val, progress=False)
     train_pool = torch.from_numpy(corpus.tokens[: 1 << 22].astype("int64"))
     val_pool = torch.tensor(list(b"\n".join(final_docs)), dtype=torch.long)
-    res["passkey"] = passkey_stage(models, cfg, lrs, train_pool, val_pool, tok, device, log)
-    res["mqar"] = mqar_stage(cfg, tok.vocab_size, device, log)
+    if cfg["passkey"]:  # --set passkey=null / mqar=null skip a probe
+        res["passkey"] = passkey_stage(models, cfg, lrs, train_pool, val_pool, tok, device, log)
+    if cfg["mqar"]:
+        res["mqar"] = mqar_stage(cfg, tok.vocab_size, device, log)
 
     res["total_seconds"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
@@ -290,6 +349,21 @@ def run(setting: str, out: Path, books_dir: Path, cache: Path | None) -> dict[st
     return res
 
 
+def parse_overrides(items: list[str], base: dict[str, Any]) -> dict[str, Any]:
+    """["steps=120", "contexts=[256, 4096]"] -> {"steps": 120, "contexts": [256, 4096]}; keys must exist in base."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        known = {*base, *OPTIONAL_KEYS}
+        if not sep or key not in known:
+            raise ValueError(f"--set {item!r}: expected KEY=JSON with KEY one of {', '.join(sorted(known))}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--set {item!r}: the value is not JSON ({err})") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
@@ -298,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"folder of books: fetch_books.py's output or any .txt files [{DEFAULT_BOOKS or 'none found'}]")
     p.add_argument("--cache-dir", type=Path, default=None, help="tokenized-data cache [OUT/token-cache]")
     p.add_argument("--overwrite", action="store_true", help="delete an existing OUT first")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse OUT: training runs that finished there with the same options are not repeated")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a field of the setting, e.g. --set steps=120 --set 'contexts=[256,4096]' "
+                        "(recorded in results.json)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
@@ -310,9 +389,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"head_to_head: {err}", file=sys.stderr)
         return 2
     out = args.out or Path("runs") / f"h2h-{args.setting}"
-    if out.exists() and any(out.iterdir()):
+    try:
+        overrides = parse_overrides(args.set, SETTINGS[args.setting])
+    except ValueError as err:
+        print(f"head_to_head: {err}", file=sys.stderr)
+        return 2
+    if out.exists() and any(out.iterdir()) and not args.resume:
         if not args.overwrite:
-            print(f"head_to_head: {out} is not empty (pass --overwrite to replace it)", file=sys.stderr)
+            print(f"head_to_head: {out} is not empty (pass --overwrite to replace it, --resume to reuse it)",
+                  file=sys.stderr)
             return 2
         shutil.rmtree(out)
     if SETTINGS[args.setting]["device"] == "cuda" and not torch.cuda.is_available():
@@ -326,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     try:
-        run(args.setting, out, args.books, args.cache_dir)
+        run(args.setting, out, args.books, args.cache_dir, overrides)
     except FileNotFoundError as err:
         print(f"head_to_head: {err}", file=sys.stderr)
         return 2

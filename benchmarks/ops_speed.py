@@ -1,6 +1,7 @@
-"""Speed of the sequence ops: CEMA (chunked scan per block size vs FFT vs naive vs Triton), TimestepNorm (prefix
-vs naive vs Triton) and chunk attention (SDPA path vs naive), forward and forward+backward, with a bandwidth
-estimate. The Triton rows run only on CUDA with triton installed (a note says why they are absent otherwise).
+"""Speed of the sequence ops: CEMA (chunked scan per block size, chunk_fn with its hand-written backward, FFT,
+naive, Triton), TimestepNorm (prefix vs naive vs Triton) and chunk attention (SDPA path vs naive), forward and
+forward+backward, with a bandwidth estimate. The Triton rows run only on CUDA with triton installed (a note says
+why they are absent otherwise).
 
     python benchmarks/ops_speed.py            # L = 1K, 4K, 16K
     python benchmarks/ops_speed.py --quick    # smoke run
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from _common import (
     RESULTS_DIR,
+    fill_defaults,
     fmt,
     fmt_len,
     median,
@@ -40,6 +42,7 @@ from _common import (
 
 from megalodon_lm.ops import (
     cema_chunked,
+    cema_chunked_fn,
     cema_coefficients,
     cema_fft,
     cema_naive,
@@ -118,6 +121,7 @@ def cema_cases(L: int, device: torch.device, naive_max: int, gen: torch.Generato
     impls: dict[str, Callable[[], torch.Tensor]] = {}
     for bs in BLOCKS:
         impls[f"chunked T={bs}"] = lambda bs=bs: cema_chunked(x, coef(), block_size=bs)[0]
+    impls["chunk_fn (default T)"] = lambda: cema_chunked_fn(x, coef())[0]
     impls["fft"] = lambda: cema_fft(x, coef())
     if _triton_ok(device):
         impls["triton"] = lambda: cema_triton(x, coef())[0]
@@ -248,13 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS_DIR / "ops_speed.json"))
     args = p.parse_args(argv)
     if args.quick:
-        defaults = dict(lengths="512,1K", repeats=3, warmup=1)
-    else:
-        defaults = dict(lengths="1K,4K,16K", repeats=10, warmup=2)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+        return fill_defaults(args, dict(lengths="512,1K", repeats=3, warmup=1))
+    return fill_defaults(args, dict(lengths="1K,4K,16K", repeats=10, warmup=2))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

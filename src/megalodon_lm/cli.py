@@ -42,8 +42,10 @@ TRAIN_HELP = {
                 "2h; 'none' for no limit. It counts across resumes: with --resume, a larger value trains on",
     "weight_decay": "AdamW weight decay, on all parameters as in the reference",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon",
-    "grad_clip": "gradient-norm clipping threshold",
-    "eval_every": "evaluate every N steps", "eval_tokens": "validation tokens scored per evaluation",
+    "grad_clip": "gradient-norm clipping threshold; 0 = no clipping",
+    "eval_every": "evaluate every N steps",
+    "eval_tokens": "validation targets scored per evaluation (all of a smaller split, else an evenly spread "
+                   "sample of every validation document; the metrics record what was scored)",
     "save_every": "checkpoint every N steps", "keep_last": "checkpoints kept",
     "log_every": "log a metrics line every N steps",
     "sample_tokens": "tokens of the text sample at the end (0 = none)", "sample_prompt": "prompt of that sample",
@@ -54,12 +56,15 @@ TRAIN_HELP = {
     "cache_dir": "tokenized-data cache directory [~/.cache/megalodon-lm]",
     "seed": "random seed (initialisation and data order)", "device": "auto, cpu or cuda",
     "dtype": "fp32, or bf16 autocast with fp32 master weights", "compile": "torch.compile the model",
-    "threads": "torch CPU threads [torch's choice]", "progress": "auto, bar, plain or none",
+    "threads": "torch CPU threads [the CPUs this process may use: affinity mask, cgroup quota, or "
+               "OMP_NUM_THREADS]", "progress": "auto, bar, plain or none",
     "tensorboard": "write TensorBoard logs when tensorboard is installed",
     "parallel": "under torchrun: auto (ddp with several processes), ddp, fsdp (FSDP2, one unit per block) or none",
     "chunk_parallel": "under torchrun: K ranks share each sequence in K contiguous pieces (--seq-len divisible "
                       "by K x chunk_size), handing the CEMA/norm state from rank to rank",
     "activation_checkpointing": "recompute each block in the backward pass (less memory, more compute)",
+    "memory_check": "refuse a model whose estimated training memory exceeds the available memory, before "
+                    "building it (--no-memory-check: try anyway)",
 }
 
 
@@ -111,12 +116,14 @@ def _cmd_consolidate(args: argparse.Namespace) -> int:
 
     from .distributed.checkpoint_dcp import consolidate
     from .training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+    from .training.run_lock import RunLock
 
     run = Path(args.run_dir)
     ckpt = latest_checkpoint(run) if args.step is None else run / CHECKPOINTS_DIR / f"step_{args.step:08d}"
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"no checkpoint{'' if args.step is None else f' for step {args.step}'} in {run}")
-    print(f"wrote {consolidate(ckpt)}")
+    with RunLock(run):  # a writer: not while a training process may prune this checkpoint
+        print(f"wrote {consolidate(ckpt)}")
     return 0
 
 
@@ -205,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .hf_cli import add_hf_parsers
 
     add_hf_parsers(sub)
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -218,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"megalodon-lm: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only or vanished path: one line, not a traceback
+        where = f": {err.filename}" if err.filename else ""
+        print(f"megalodon-lm: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before training starts, or a second Ctrl-C: nothing half-written is kept
         print("megalodon-lm: interrupted", file=sys.stderr)

@@ -19,6 +19,9 @@ def _convert_module():
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from .outputs import check_output_dir
+
+    check_output_dir(args.out_dir, "OUT_DIR")  # before loading anything: a file there fails in one line
     out = _convert_module().export_hf(args.run_dir, args.out_dir, step=args.step)
     print(f"exported {args.run_dir} -> {out}")
     return 0

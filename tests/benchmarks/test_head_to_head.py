@@ -13,8 +13,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _books import book_slug  # noqa: E402
-from _h2h_report import equal_time, interpolate, read_curve  # noqa: E402
-from head_to_head import DEFAULT_BOOKS, SETTINGS, book_split  # noqa: E402
+from _h2h_report import equal_time, interpolate, read_curve, reset_table  # noqa: E402
+from head_to_head import DEFAULT_BOOKS, SETTINGS, book_split, parse_overrides, train_options  # noqa: E402
+
+from megalodon_lm.training.schedule import lr_multiplier  # noqa: E402
 
 
 def _metrics(path: Path, rows: list[dict]) -> Path:
@@ -46,8 +48,41 @@ def test_settings_are_consistent():
     for name, cfg in SETTINGS.items():
         assert cfg["steps"] % cfg["eval_every"] == 0, name
         assert cfg["lr_check_steps"] <= cfg["steps"] and cfg["warmup"] < cfg["steps"], name
-        assert cfg["mqar"]["query_start"] >= cfg["mqar"]["model"]["chunk_size"], name  # queries beyond the chunk
+        mq, chunk = cfg["mqar"], cfg["mqar"]["model"]["chunk_size"]
+        # queries beyond the chunk, or a distance curve with bins on both sides of it
+        assert mq["query_start"] >= chunk or chunk in mq["distance_edges"][1:-1], name
+        assert max(cfg["passkey"].get("distances", [0])) < cfg["passkey"]["length"], name
         assert cfg["ctx_doc_bytes"] > max(cfg["contexts"]) + cfg["ctx_score_tokens"], name
+
+
+def test_lr_check_warms_up_then_decays():
+    """The short check run has the main run's warm-up fraction and a cosine that decays within its steps."""
+    for name, cfg in SETTINGS.items():
+        opts = train_options(cfg, "megalodon", 1e-3, cfg["lr_check_steps"], Path("o"), [], [], Path("c"))
+        warmup, steps = opts["warmup_steps"], opts["max_steps"]
+        assert 1 <= warmup < steps and warmup / steps <= 2 * cfg["warmup"] / cfg["steps"] + 1 / steps, name
+        assert lr_multiplier(steps - 1, warmup, steps) < 0.5 * lr_multiplier(warmup - 1, warmup, steps), name
+        main = train_options(cfg, "megalodon", 1e-3, cfg["steps"], Path("o"), [], [], Path("c"))
+        assert main["warmup_steps"] == cfg["warmup"], name
+
+
+def test_parse_overrides():
+    base = SETTINGS["long"]
+    got = parse_overrides(["steps=120", "contexts=[256, 4096]", "passkey=null", "llama_full_max=512"], base)
+    assert got == {"steps": 120, "contexts": [256, 4096], "passkey": None, "llama_full_max": 512}
+    for bad in (["stepz=1"], ["steps"], ["steps=[1"]):
+        with pytest.raises(ValueError):
+            parse_overrides(bad, base)
+
+
+def test_reset_table_rows():
+    ctx = {"megalodon": {"results": [{"context": 256, "bpb": 2.2}, {"context": None, "bpb": 2.0}]},
+           "megalodon_reset": [{"reset": "cema", "reset_every": 256, "bpb": 2.05},
+                               {"reset": "both", "reset_every": 4096, "bpb": 2.0}]}
+    lines = reset_table({"bpb_vs_context": ctx})
+    assert "| nothing (carried) | - | 2.0000 | 0 |" in lines
+    assert "| CEMA state | 256 | 2.0500 | +0.0500 |" in lines and lines[-1].endswith("| +0.0000 |")
+    assert reset_table({"bpb_vs_context": {"megalodon": ctx["megalodon"]}}) == []
 
 
 NO_BOOKS = "the 26 books are not downloaded (python benchmarks/fetch_books.py; optional, needs internet)"
@@ -81,6 +116,9 @@ def test_smoke_setting_end_to_end(tmp_path):
         assert [r["length"] for r in res["passkey"][arch]] == [128, 256]
         assert 0.0 <= res["mqar"][arch]["accuracy"] <= 1.0
     assert res["bpb_vs_context"]["megalodon"]["results"][-1]["label"] == "whole"
+    assert [r["context"] for r in res["bpb_vs_context"]["llama"]["results"]] == [32, 64]  # full attention <= 64
+    resets = res["bpb_vs_context"]["megalodon_reset"]
+    assert [(r["reset"], r["reset_every"]) for r in resets] == [("both", 64)] and 0 < resets[0]["bpb"] < 10
     # a second run reproduces the token-indexed numbers exactly (fixed seeds, steps and threads)
     out2 = tmp_path / "h2h2"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "head_to_head.py"), "--setting", "smoke",

@@ -17,6 +17,7 @@ from megalodon_lm.data import (
     bytes_per_target,
     eval_windows,
     sample_batch,
+    sample_eval_windows,
     train_bpe,
 )
 from megalodon_lm.data import dataset as dataset_module
@@ -251,3 +252,26 @@ def test_bytes_per_target():
     n = bytes_per_target(y, lengths)
     assert n.dtype == torch.int64 and n.ndim == 0 and int(n) == 1 + 2 + 3 + 0 + 3
     assert int(bytes_per_target(torch.full((2, 2), -100), lengths)) == 0
+
+
+def test_sample_eval_windows_spread_over_every_document():
+    # three documents of 40, 9 and 60 tokens; a 40-target budget: the short one is scored whole (8 targets),
+    # the other two share the rest (16 each), in windows of 8 spread from each document's start to its end
+    lengths = [40, 9, 60]
+    tokens = list(range(sum(lengths)))
+    starts = np.cumsum([0, *lengths[:-1]])
+    corpus = TokenizedCorpus(np.asarray(tokens, dtype=np.uint16), None, starts.astype(np.int64), 3, len(tokens))
+    windows, info = sample_eval_windows(corpus, seq_len=8, max_tokens=40)
+    assert info == {"val_sample": "spread", "val_targets": 40, "val_docs": 3, "val_docs_total": 3}
+    firsts = [int(x[0, 0]) for x, _ in windows]
+    assert firsts == [0, 31, 40, 49, 100]  # doc 0: start and end; doc 1: whole; doc 2: start and end
+    for x, y in windows:
+        assert y[0].tolist() == [t + 1 for t in x[0].tolist()]  # y is x shifted by one
+        doc = int(np.searchsorted(starts, int(x[0, 0]), side="right")) - 1
+        assert int(y[0, -1]) < starts[doc] + lengths[doc]  # never crosses into the next document
+    # a budget that covers the split scores every target once, as eval_windows does
+    every, info = sample_eval_windows(corpus, seq_len=8, max_tokens=10_000)
+    assert info["val_sample"] == "all" and info["val_targets"] == len(tokens) - 1
+    assert torch.cat([x[0] for x, _ in every]).tolist() == tokens[:-1]
+    with pytest.raises(ValueError):
+        sample_eval_windows(corpus, seq_len=0, max_tokens=4)

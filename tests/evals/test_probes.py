@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from megalodon_lm.data.tokenizer import ByteTokenizer
-from megalodon_lm.evals.mqar import evaluate_mqar, mqar_batch
+from megalodon_lm.evals.mqar import evaluate_mqar, mqar_batch, query_distances
 from megalodon_lm.evals.passkey import (
     DIGITS,
     KEY_LINE,
@@ -125,6 +125,38 @@ def test_mqar_scoring_oracle_and_chance():
 
     assert evaluate_mqar(Oracle(32, answer), 48, 4, 32, n_sequences=20, query_start=16)["accuracy"] == 1.0
     assert evaluate_mqar(Oracle(32), 48, 4, 32, n_sequences=20, query_start=16)["accuracy"] < 0.2
+
+
+def test_passkey_at_fixed_distance():
+    rng = np.random.default_rng(1)
+    q_start = 300 - len(QUESTION) - DIGITS
+    for d in (len(KEY_LINE.format(n=12345)), 100, q_start):
+        x, _, key_pos = passkey_sample(POOL, TOK, 300, rng, chunk=64, distance=d)
+        assert key_pos == q_start - d and bytes(x[key_pos:key_pos + 16].tolist()) == b"The pass key is "
+    res = evaluate_passkey(Oracle(257, _passkey_oracle), POOL, TOK, 300, n_trials=4, distance=150)
+    assert res["distance"] == 150 and res["accuracy"] == 1.0
+    for bad in (10, q_start + 1):  # shorter than the key line / before the sample starts
+        with pytest.raises(ValueError, match="distance"):
+            passkey_sample(POOL, TOK, 300, rng, distance=bad)
+
+
+def test_mqar_accuracy_by_distance():
+    x, y = mqar_batch(3, 64, 6, 40, seed=3, step=0, query_start=32)
+    dist = query_distances(x, y, 6)
+    for b in range(3):
+        for p, d in zip((y[b] != -100).nonzero().flatten().tolist(), dist[b].tolist(), strict=True):
+            assert int(x[b, p - d]) == int(x[b, p])  # d tokens back is the key itself, in the pairs region
+            assert p - d < 12
+
+    def near_only(row: torch.Tensor) -> torch.Tensor:  # answers only queries less than 40 tokens from their key
+        pairs = {int(k): (2 * i, int(v)) for i, (k, v) in enumerate(zip(row[0:8:2], row[1:8:2], strict=True))}
+        return torch.tensor([pairs[int(t)][1] if int(t) in pairs and 0 < p - pairs[int(t)][0] < 40 else 0
+                             for p, t in enumerate(row.tolist())])
+
+    res = evaluate_mqar(Oracle(32, near_only), 80, 4, 32, n_sequences=32, query_start=16, distance_edges=[0, 40, 80])
+    near, far = res["by_distance"]
+    assert (near["min"], near["max"], far["min"]) == (0, 40, 40)
+    assert near["accuracy"] == 1.0 and far["accuracy"] == 0.0 and near["n"] + far["n"] == 32 * 4
 
 
 def test_scored_predictions_needs_equal_counts():

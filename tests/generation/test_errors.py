@@ -32,7 +32,7 @@ BAD_OPTIONS = [
     (dict(repetition_penalty=-1.0), ValueError, r"repetition_penalty must be a finite number > 0"),
     (dict(eos_token_id=256), ValueError, r"eos_token_id must be None or an int in \[0, 256\)"),
     (dict(prefill_chunk=0), ValueError, r"prefill_chunk must be a positive int"),
-    (dict(seed="x"), TypeError, r"seed must be an int, a torch.Generator or None"),
+    (dict(seed="x"), TypeError, r"seed must be an int, a torch.Generator, a sequence of those or None"),
     (dict(state="x"), TypeError, r"state must be a StreamState"),
 ]
 

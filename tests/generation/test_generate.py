@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megalodon_lm.generation import generate, prefill, stream_generate
-from megalodon_lm.generation.decoding import _filter, _penalise
+from megalodon_lm.generation.sampling import filter_logits, penalise
 
 from .helpers import small_model as _model
 
@@ -102,7 +102,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
 
 def test_nucleus_and_top_k_filters():
     logits = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).log()  # probabilities 0.5, 0.3, 0.2, 0
-    kept = lambda **kw: torch.isfinite(_filter(logits, **kw))[0].tolist()  # noqa: E731
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].tolist()  # noqa: E731
     assert kept(top_k=None, top_p=0.5) == [True, False, False, False]  # 0.5 alone reaches 0.5
     assert kept(top_k=None, top_p=0.7) == [True, True, False, False]
     assert kept(top_k=None, top_p=0.81) == [True, True, True, False]
@@ -113,7 +113,7 @@ def test_nucleus_and_top_k_filters():
 def test_ctrl_repetition_penalty_formula():
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
     seen = torch.tensor([[True, True, False, False]])
-    assert _penalise(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, -1.0]]
+    assert penalise(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, -1.0]]
 
 
 def test_repetition_penalty_breaks_a_greedy_repetition():
@@ -151,11 +151,12 @@ def test_continue_from_returned_state_equals_one_call():
     assert state.positions.tolist() == [3 + 5, 12 + 5]  # lag by one: the last generated token is pending
     rest = generate(model, first[:, -1:], state=state, max_new_tokens=8, temperature=0)
     assert torch.equal(torch.cat([first, rest], 1), one)
-    # Sampling continues exactly when the same generator is passed on.
+    # Sampling continues exactly when the same generators (one per row; seed=3 seeds each row with 3) are
+    # passed on.
     one = generate(model, rows, max_new_tokens=14, temperature=1.0, seed=3)
-    rng = torch.Generator().manual_seed(3)
-    first, state = generate(model, rows, max_new_tokens=6, temperature=1.0, seed=rng, return_state=True)
-    rest = generate(model, first[:, -1:], state=state, max_new_tokens=8, temperature=1.0, seed=rng)
+    rngs = [torch.Generator().manual_seed(3) for _ in rows]
+    first, state = generate(model, rows, max_new_tokens=6, temperature=1.0, seed=rngs, return_state=True)
+    rest = generate(model, first[:, -1:], state=state, max_new_tokens=8, temperature=1.0, seed=rngs)
     assert torch.equal(torch.cat([first, rest], 1), one)
 
 

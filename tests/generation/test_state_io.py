@@ -33,7 +33,8 @@ def test_round_trip_is_exact(tmp_path):
 
 def test_save_load_continue_equals_uninterrupted(tmp_path):
     model, rows = _model(), _rows()
-    one = generate(model, rows, max_new_tokens=13, temperature=0.8, top_k=30, seed=4)
+    # One generator shared by both rows (what a state file stores); an int seed would give each row its own.
+    one = generate(model, rows, max_new_tokens=13, temperature=0.8, top_k=30, seed=torch.Generator().manual_seed(4))
     rng = torch.Generator().manual_seed(4)
     first, state = generate(model, rows, max_new_tokens=5, temperature=0.8, top_k=30, seed=rng, return_state=True)
     path = save_state(state, tmp_path / "s.safetensors", model, next_tokens=first[:, -1], rng=rng)

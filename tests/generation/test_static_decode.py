@@ -113,3 +113,30 @@ def test_generate_compile_path_equals_eager(monkeypatch):
         more_a = generate(model, a[:, -1:], state=sa, max_new_tokens=5, temperature=0.0)
         more_b = generate(model, b[:, -1:], state=sb, max_new_tokens=5, temperature=0.0)
         assert torch.equal(more_a, more_b)
+
+
+@torch.no_grad()
+def test_rows_join_and_leave_between_steps():
+    """Continuous batching: a stream that joins a running decoder, and one taken out of it, go on exactly as
+    if each ran alone (float64, chunk 8, streams at different offsets)."""
+    model = _model()
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 256, (1, 20), generator=g), torch.randint(0, 256, (1, 20), generator=g)
+    full_a, full_b = model(a).logits, model(b).logits
+    dec = StaticDecoder(model, model(a[:, :3], return_state=True).state)
+    logits_a = [dec.step(a[:, t]) for t in range(3, 6)]
+    dec.add_rows(model(b[:, :11], return_state=True).state)  # joins at offset 3 (chunk 8) while a is at 6
+    assert dec.batch_size == 2
+    for t in range(4):
+        out = dec.step(torch.cat([a[:, 6 + t], b[:, 11 + t]]))
+        logits_a.append(out[:1])
+        assert rel(out[1:], full_b[:, 11 + t]) <= 1e-10
+    taken = dec.remove_rows([0])  # a leaves after 10 tokens; b goes on alone
+    assert dec.batch_size == 1 and taken.batch_size == 1 and int(taken.positions[0]) == 10
+    assert rel(torch.cat(logits_a), full_a[0, 3:10]) <= 1e-10
+    for t in range(15, 20):
+        assert rel(dec.step(b[:, t]), full_b[:, t]) <= 1e-10
+    resumed = model(a[:, 10:], state=taken).logits  # a's state from the decoder continues the model's stream
+    assert rel(resumed, full_a[:, 10:]) <= 1e-10
+    with pytest.raises(IndexError):
+        dec.remove_rows([3])

@@ -29,6 +29,15 @@ def test_tiny_parameter_count():
     assert cfg.num_parameters() == n
 
 
+def test_3m_preset_is_the_jax_port_shape():
+    """4 layers x 256, 1 head, z 128, value 512, SwiGLU FFN 364, CEMA 16, chunk 128, 32 groups, untied: 3.3M."""
+    cfg = MegalodonConfig.from_preset("3M")
+    assert (cfg.num_heads, cfg.z_dim, cfg.value_dim, cfg.ffn_hidden_dim, cfg.swiglu, cfg.cema_ndim, cfg.chunk_size,
+            cfg.norm_num_groups, cfg.share_emb) == (1, 128, 512, 364, True, 16, 128, 32, False)
+    assert cfg.num_parameters() == 3_296_256  # + 2 x 256 = 3,296,768 with the trainer's 257-id byte vocabulary
+    assert MegalodonConfig.from_preset("3M", vocab_size=257).num_parameters() == 3_296_768
+
+
 def test_reference_preset_counts():
     """Spec §1.7: mega200M 220.6M, mega1.3B 1.343B, mega7.3B 7,385,817,088 (V = 32000)."""
     assert round(MegalodonConfig.from_preset("200M").num_parameters() / 1e6, 1) == 220.6

@@ -313,11 +313,16 @@ def test_bpe_tokenizer_cli_then_training(tmp_path, text_file, cache_dir, capsys)
 
 # ---------------------------------------------------------------------- bits per byte, byte tokenizer
 def test_val_bpb_is_val_loss_in_bits_for_bytes(tmp_path, text_file, cache_dir):
-    # 64 targets from the start of the validation split: plain text, no EOS among them.
+    # 64 targets spread over the validation split (one document cut from the text, ending in its EOS): the
+    # last window ends with the EOS, a target of no bytes; every other target is one byte.
     r = run_tiny(text_file, tmp_path / "run", cache_dir, max_steps=2, save_every=2, eval_tokens=64)
     for e in eval_lines(tmp_path / "run"):
-        assert e["val_bpb"] == pytest.approx(e["val_loss"] / LN2, rel=1e-12)
-    assert r.val_bpb == pytest.approx(r.val_loss / LN2, rel=1e-12)
+        # the record says what was scored
+        assert (e["val_sample"], e["val_targets"], e["val_docs"], e["val_bytes"]) == ("spread", 64, 1, 63)
+        assert e["val_bpb"] == pytest.approx(e["val_loss"] * 64 / 63 / LN2, rel=1e-12)
+    r2 = run_tiny(text_file, tmp_path / "run2", cache_dir, max_steps=2, save_every=2, eval_tokens=10**6)
+    assert eval_lines(tmp_path / "run2")[-1]["val_sample"] == "all"  # the whole split fits the budget
+    assert r.val_bpb != r2.val_bpb
 
 
 def test_val_bpb_counts_eos_as_zero_bytes(tmp_path, text_file, cache_dir):

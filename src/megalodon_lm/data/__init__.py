@@ -7,7 +7,14 @@ Typical use::
     x, y = sample_batch(train, batch_size=8, seq_len=1024, step=0, seed=0)
 """
 
-from .dataset import TokenizedCorpus, build_corpora, bytes_per_target, eval_windows, sample_batch
+from .dataset import (
+    TokenizedCorpus,
+    build_corpora,
+    bytes_per_target,
+    eval_windows,
+    sample_batch,
+    sample_eval_windows,
+)
 from .sources import Document, default_corpus, is_validation_path, iter_documents, resolve_sources
 from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, save_tokenizer, train_bpe
 
@@ -25,6 +32,7 @@ __all__ = [
     "load_tokenizer",
     "resolve_sources",
     "sample_batch",
+    "sample_eval_windows",
     "save_tokenizer",
     "train_bpe",
 ]

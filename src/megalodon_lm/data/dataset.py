@@ -320,12 +320,14 @@ def build_corpora(sources: list[Path] | None, tokenizer: Any, cache_dir: str | P
             return _load_cache(final, fingerprint)
         except (ValueError, OSError, KeyError):
             shutil.rmtree(final, ignore_errors=True)  # damaged by hand or by a full disk: build it again
-    cache_root.mkdir(parents=True, exist_ok=True)
     # Build in a private temporary folder and rename it into place: readers never see a half-written cache,
     # and two processes building the same corpus at once cannot corrupt each other.
     tmp = cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        if cache_root.exists() and not cache_root.is_dir():
+            raise ValueError(f"the tokenized-data cache {cache_root} is not a directory (--cache-dir)")
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         meta = _tokenize_to(tmp, tokenizer, train_files, val_files, val_fraction, progress)
         meta["fingerprint"] = fingerprint
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -335,6 +337,13 @@ def build_corpora(sources: list[Path] | None, tokenizer: Any, cache_dir: str | P
             if not (final / "meta.json").exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: use its identical files
+    except OSError as exc:  # read-only or full: one line naming the place and the way out
+        shutil.rmtree(tmp, ignore_errors=True)
+        culprit = None if exc.filename is None else Path(exc.filename).resolve()
+        if culprit is not None and culprit != cache_root.resolve() and cache_root.resolve() not in culprit.parents:
+            raise  # a source file that cannot be read: not the cache's fault
+        raise ValueError(f"cannot write the tokenized-data cache in {cache_root}: {exc.strerror or exc}; "
+                         "pass a writable --cache-dir") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -394,6 +403,61 @@ def eval_windows(corpus: TokenizedCorpus, seq_len: int,
         x = torch.from_numpy(np.asarray(corpus.tokens[start : start + length], dtype=np.int64))
         y = _targets(corpus, np.arange(start + 1, start + length + 1))
         yield x[None], y[None]
+
+
+def _water_fill(budget: int, caps: list[int]) -> list[int]:
+    """Split `budget` as evenly as possible over slots of capacity `caps` (a small slot's excess goes to others)."""
+    alloc = [0] * len(caps)
+    left = budget
+    order = sorted(range(len(caps)), key=lambda i: caps[i])
+    for k, i in enumerate(order):
+        alloc[i] = min(caps[i], left // (len(caps) - k))
+        left -= alloc[i]
+    return alloc
+
+
+def document_spans(corpus: TokenizedCorpus) -> list[tuple[int, int]]:
+    """(start, end) token range of each document of the split (the whole split when it records none)."""
+    starts = [int(s) for s in corpus.doc_starts] or [0]
+    ends = starts[1:] + [corpus.n_tokens]
+    return [(s, e) for s, e in zip(starts, ends, strict=True) if e > s]
+
+
+def sample_eval_windows(corpus: TokenizedCorpus, seq_len: int,
+                        max_tokens: int | None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Validation windows (x, y) of shape (1, L) and a description of what they score.
+
+    When the split has at most `max_tokens` targets, every target once (`eval_windows`). Otherwise a fixed,
+    evenly spread sample of every document: the budget is split evenly over the documents (a short document
+    scores all of its targets and leaves the rest to the others); a document's share is cut into windows of
+    seq_len targets whose starts are spread evenly from its beginning to its end, within the document.
+    Description: {"val_sample": "all" | "spread", "val_targets": scored targets (masked ones included),
+    "val_docs": documents with at least one scored target, "val_docs_total": documents in the split}.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    spans = document_spans(corpus)
+    total = max(corpus.n_tokens - 1, 0)
+    if max_tokens is None or total <= max_tokens:
+        windows = list(eval_windows(corpus, seq_len))
+        return windows, {"val_sample": "all", "val_targets": total, "val_docs": len(spans) if total else 0,
+                         "val_docs_total": len(spans)}
+    caps = [e - s - 1 for s, e in spans]  # targets inside a document: x_s predicts x_{s+1}, ..., up to x_{e-1}
+    windows = []
+    docs = 0
+    for (s, _), cap, share in zip(spans, caps, _water_fill(max_tokens, caps), strict=True):
+        width = min(seq_len, share)
+        n = share // width if width else 0
+        if n == 0:
+            continue
+        docs += 1
+        room = cap - width  # starts from s to s + room keep the window inside the document
+        for i in range(n):
+            p = s + (i * room // (n - 1) if n > 1 else room // 2)
+            x = torch.from_numpy(np.asarray(corpus.tokens[p:p + width], dtype=np.int64))
+            windows.append((x[None], _targets(corpus, np.arange(p + 1, p + width + 1))[None]))
+    return windows, {"val_sample": "spread", "val_targets": sum(int(y.shape[1]) for _, y in windows),
+                     "val_docs": docs, "val_docs_total": len(spans)}
 
 
 def bytes_per_target(y: torch.Tensor, byte_lengths: torch.Tensor) -> torch.Tensor:

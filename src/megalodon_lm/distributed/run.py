@@ -121,8 +121,8 @@ class DistributedRun:
         return save_sharded(run_dir, step, self.module, optimizer, scheduler_state,
                             self.trainer_state(trainer_state), keep_last, self.ctx)
 
-    def load(self, ckpt: Path, optimizer) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        state, sched = load_sharded(ckpt, self.module, optimizer, self.ctx)
+    def load(self, ckpt: Path, optimizer, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        state, sched = load_sharded(ckpt, self.module, optimizer, self.ctx, verify)
         self.resume_batch(state)
         return state, sched
 
@@ -132,7 +132,7 @@ class DistributedRun:
         model = None
         if self.is_main:
             consolidate(ckpt)
-            from ..training.checkpoint import load_model_weights
+            from ..training.loading import load_model_weights
 
             model = MegalodonLM(unwrap(self.module).model.config)
             load_model_weights(ckpt, model)

@@ -66,18 +66,44 @@ def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, s
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def query_distances(x: torch.Tensor, y: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """(B, K) distance from each scored query to its key's position in the pairs region (row order of y's mask)."""
+    pos = (y != -100).nonzero()  # (B * K, 2) in row-major order, as scored_predictions reads them
+    keys = x[pos[:, 0], pos[:, 1]]
+    pairs = x[pos[:, 0], : 2 * num_pairs : 2]  # (B * K, K) the keys of that row
+    key_pos = 2 * (pairs == keys[:, None]).int().argmax(1)
+    return (pos[:, 1] - key_pos).view(x.shape[0], -1)
+
+
 def evaluate_mqar(model: nn.Module, seq_len: int, num_pairs: int, vocab_size: int, n_sequences: int,
-                  seed: int = 1, query_start: int | None = None, batch_size: int = 16) -> dict[str, Any]:
-    """Accuracy over all queries of `n_sequences` fresh sequences (steps disjoint from any training seed)."""
+                  seed: int = 1, query_start: int | None = None, batch_size: int = 16,
+                  distance_edges: list[int] | None = None) -> dict[str, Any]:
+    """Accuracy over all queries of `n_sequences` fresh sequences (steps disjoint from any training seed).
+
+    With `distance_edges` [e0, e1, ...] also "by_distance": accuracy of the queries whose distance to their key
+    (query position minus key position) lies in [e_i, e_{i+1}), one entry per bin with any query.
+    """
     if n_sequences < 1:
         raise ValueError(f"n_sequences must be >= 1, got {n_sequences}")
     hits, total = 0, 0
+    all_ok, all_dist = [], []
     for i, start in enumerate(range(0, n_sequences, batch_size)):
         b = min(batch_size, n_sequences - start)
         x, y = mqar_batch(b, seq_len, num_pairs, vocab_size, seed, 10**6 + i, query_start)
         ok, _ = scored_predictions(model, x, y)
         hits += int(ok.sum())
         total += ok.numel()
-    return {"seq_len": seq_len, "num_pairs": num_pairs, "query_start": check_layout(seq_len, num_pairs, vocab_size,
-                                                                                    query_start),
-            "n_sequences": n_sequences, "accuracy": hits / total}
+        all_ok.append(ok.flatten())
+        all_dist.append(query_distances(x, y, num_pairs).flatten())
+    out = {"seq_len": seq_len, "num_pairs": num_pairs,
+           "query_start": check_layout(seq_len, num_pairs, vocab_size, query_start),
+           "n_sequences": n_sequences, "accuracy": hits / total}
+    if distance_edges:
+        ok, dist = torch.cat(all_ok), torch.cat(all_dist)
+        bins = []
+        for lo, hi in zip(distance_edges[:-1], distance_edges[1:], strict=True):
+            sel = (dist >= lo) & (dist < hi)
+            if int(sel.sum()):
+                bins.append({"min": lo, "max": hi, "n": int(sel.sum()), "accuracy": float(ok[sel].float().mean())})
+        out["by_distance"] = bins
+    return out

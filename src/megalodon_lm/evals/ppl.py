@@ -15,6 +15,13 @@ does not grow with the document. With `refresh=True` the reference's TimestepNor
 (docs/architecture.md §7.2) is applied: 2-chunk pieces, and after a piece ending at token e >= 8 chunks (with more
 tokens left) the norm statistics are recomputed by a fresh run over the last 6 chunks and swapped in.
 
+Reset ablation (`resets`, `reset_every`): the whole-prefix stream again, with chosen memory paths reset to
+their initial values at every multiple of `reset_every` tokens from the document start: "cema" (every layer's
+CEMA hidden state), "norm" (every TimestepNorm's running statistics), "both", or "none" (the stream is cut at
+the same boundaries but nothing is reset: equal to the plain whole prefix). The scored tokens are the same,
+so carried minus reset BPB is what that memory path contributes. With `reset_every` a multiple of the
+attention chunk, "both" equals scoring independent `reset_every`-token segments (attention is chunk-local).
+
 BPB = sum NLL (nats) / ln 2 / sum of the scored tokens' byte lengths (`tokenizer.token_byte_lengths()`).
 """
 
@@ -38,6 +45,7 @@ from ..models.state import StreamState
 REFRESH_MIN_CHUNKS = 8  # reference TRUNCATE_CHUNKS: refresh once this many chunks are consumed
 REFRESH_WINDOW_CHUNKS = 6  # the fresh statistics come from the last 6 chunks
 REFRESH_PIECE_CHUNKS = 2  # reference MAX_CHUNKS_PER_BATCH: chunks per forward when refreshing
+RESET_PARTS = {"none": (False, False), "cema": (True, False), "norm": (False, True), "both": (True, True)}
 
 
 # ---------------------------------------------------------------------- inputs
@@ -52,6 +60,26 @@ def load_documents(paths: Sequence[str | Path], max_docs: int | None = None) -> 
     return docs
 
 
+def parse_resets(spec: str) -> list[str]:
+    """"cema,both" -> ["cema", "both"] (names of RESET_PARTS). Raises ValueError for anything else."""
+    out = [s.strip().lower() for s in spec.split(",")]
+    bad = [s for s in out if s not in RESET_PARTS]
+    if bad:
+        raise ValueError(f"--reset: {bad[0]!r} is not one of {', '.join(RESET_PARTS)}")
+    return list(dict.fromkeys(out))
+
+
+def positive_int(item: str, option: str, word: str) -> int:
+    """int(item) >= 1, else ValueError naming the option and the accepted word ('whole', 'chunk')."""
+    try:
+        value = int(item)
+    except ValueError:
+        raise ValueError(f"{option}: {item!r} is neither a positive integer nor {word!r}") from None
+    if value < 1:
+        raise ValueError(f"{option}: must be >= 1, got {value}")
+    return value
+
+
 def parse_contexts(spec: str) -> list[int | None]:
     """"512,2048,whole" -> [512, 2048, None]. Raises ValueError for anything else."""
     out: list[int | None] = []
@@ -59,13 +87,7 @@ def parse_contexts(spec: str) -> list[int | None]:
         if item.lower() in ("whole", "all", "none", "inf"):
             out.append(None)
             continue
-        try:
-            value = int(item)
-        except ValueError:
-            raise ValueError(f"--contexts: {item!r} is neither a positive integer nor 'whole'") from None
-        if value < 1:
-            raise ValueError(f"--contexts: context lengths must be >= 1, got {value}")
-        out.append(value)
+        out.append(positive_int(item, "--contexts", "whole"))
     if not out:
         raise ValueError("--contexts: give at least one context length")
     return out
@@ -102,21 +124,41 @@ def _refresh(model: MegalodonLM, ids: torch.Tensor, end: int, total: int, state:
     return _swap_norm_stats(state, fresh)
 
 
+def _piece_bounds(total: int, piece_tokens: int, reset_every: int | None) -> list[tuple[int, int]]:
+    """(start, end) of the pieces fed in turn: at most piece_tokens each, never crossing a reset boundary."""
+    bounds, start = [], 0
+    while start < total:
+        end = min(start + piece_tokens, total)
+        if reset_every is not None:
+            end = min(end, (start // reset_every + 1) * reset_every)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
 def stream_nll(model: MegalodonLM, inputs: torch.Tensor, targets: torch.Tensor, n_unscored: int,
-               piece_tokens: int, refresh: bool = False) -> torch.Tensor:
+               piece_tokens: int, refresh: bool = False, reset: str | None = None,
+               reset_every: int | None = None) -> torch.Tensor:
     """Per-target NLL (nats, float64) of feeding `inputs` (L,) in one carried stream, scoring positions >= n_unscored.
 
     `targets` (L - n_unscored,) are the tokens that follow inputs[n_unscored:]. Pieces of `piece_tokens` are fed
-    in turn (2 chunks, aligned, when `refresh`); unscored positions project no logits.
+    in turn (2 chunks, aligned, when `refresh`); unscored positions project no logits. With `reset` (a
+    RESET_PARTS name) those memory paths return to their initial values at every multiple of `reset_every`
+    positions of `inputs` (so inputs[0] must be the stream's first token).
     """
     if refresh:
         piece_tokens = REFRESH_PIECE_CHUNKS * model.config.chunk_size
+    reset_cema, reset_norm = RESET_PARTS[reset or "none"]
+    if reset is not None and (reset_every is None or reset_every < 1):
+        raise ValueError(f"reset {reset!r} needs reset_every >= 1, got {reset_every}")
     ids = inputs.to(next(model.parameters()).device).unsqueeze(0)  # also a LlamaLM (state = its KV cache)
     total = ids.shape[1]
     state: StreamState | None = None
+    fresh = model.init_state(1) if reset_cema or reset_norm else None
     nlls = []
-    for start in range(0, total, piece_tokens):
-        end = min(start + piece_tokens, total)
+    for start, end in _piece_bounds(total, piece_tokens, reset_every if reset is not None else None):
+        if fresh is not None and state is not None and start % reset_every == 0:
+            state = state.with_reset(fresh, cema=reset_cema, norm=reset_norm)
         if end <= n_unscored:  # nothing scored here: carry the state only
             state = model(ids[:, start:end], state=state, return_state=True, last_logits_only=True).state
         else:
@@ -126,16 +168,18 @@ def stream_nll(model: MegalodonLM, inputs: torch.Tensor, targets: torch.Tensor, 
             out = model(ids[:, start:end], state=state, return_state=True)
             state = out.state
             tgt = targets[start - n_unscored:end - n_unscored].to(out.logits.device)
-            nlls.append(F.cross_entropy(out.logits[0].float(), tgt, reduction="none").double().cpu())
+            logits = out.logits[0]
+            logits = logits if logits.dtype == torch.float64 else logits.float()  # a float64 model stays exact
+            nlls.append(F.cross_entropy(logits, tgt, reduction="none").double().cpu())
         if refresh:
             state = _refresh(model, ids, end, total, state)
     return torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)
 
 
 def _whole_prefix_nll(model: MegalodonLM, ids: torch.Tensor, first: int, piece_tokens: int,
-                      refresh: bool) -> torch.Tensor:
-    """NLL of targets ids[first:] streamed from ids[0]."""
-    return stream_nll(model, ids[:-1], ids[first:], first - 1, piece_tokens, refresh)
+                      refresh: bool, reset: str | None = None, reset_every: int | None = None) -> torch.Tensor:
+    """NLL of targets ids[first:] streamed from ids[0] (optionally with the reset ablation)."""
+    return stream_nll(model, ids[:-1], ids[first:], first - 1, piece_tokens, refresh, reset, reset_every)
 
 
 def _windowed_nll(model: MegalodonLM, ids: torch.Tensor, first: int, context: int, piece_tokens: int) -> torch.Tensor:
@@ -151,18 +195,30 @@ def _windowed_nll(model: MegalodonLM, ids: torch.Tensor, first: int, context: in
 
 
 def document_nll(model: MegalodonLM, ids: torch.Tensor, first: int, context: int | None,
-                 piece_tokens: int = 4096, refresh: bool = False) -> torch.Tensor:
-    """Per-token NLL (float64) of the scored targets ids[first:] at one context length (None = whole prefix)."""
+                 piece_tokens: int = 4096, refresh: bool = False, reset: str | None = None,
+                 reset_every: int | None = None) -> torch.Tensor:
+    """Per-token NLL (float64) of the scored targets ids[first:] at one context length (None = whole prefix).
+
+    `reset` / `reset_every` (whole prefix only): the reset ablation of the module docstring.
+    """
+    if reset is not None:
+        if context is not None:
+            raise ValueError("the reset ablation applies to the whole-prefix stream (context None) only")
+        return _whole_prefix_nll(model, ids, first, piece_tokens, False, reset, reset_every)
     if context is None or context >= ids.shape[0] - 1:
         return _whole_prefix_nll(model, ids, first, piece_tokens, refresh and context is None)
     return _windowed_nll(model, ids, first, context, piece_tokens)
 
 
 # ---------------------------------------------------------------------- public API
-def _context_result(context: int | None, nll: float, n_tokens: int, n_bytes: int) -> dict[str, Any]:
+def _context_result(context: int | None, nll: float, n_tokens: int, n_bytes: int, reset: str | None = None,
+                    reset_every: int | None = None) -> dict[str, Any]:
+    label = "whole" if context is None else str(context)
     return {
         "context": context,
-        "label": "whole" if context is None else str(context),
+        "label": label if reset is None else f"{label}, reset {reset} every {reset_every}",
+        "reset": reset,
+        "reset_every": reset_every,
         "bpb": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
         "nll_per_token": nll / n_tokens if n_tokens else float("nan"),
         "nll_sum": nll,
@@ -178,22 +234,36 @@ def _encode_all(tokenizer: Any, documents: Iterable[bytes | str]) -> list[torch.
 
 
 def bpb_vs_context(model: MegalodonLM, tokenizer: Any, documents: list[bytes | str], contexts: list[int | None],
-                   score_tokens: int, refresh: bool = False, piece_tokens: int = 4096, progress: bool = False,
+                   score_tokens: int, refresh: bool = False, piece_tokens: int = 4096,
+                   resets: Sequence[str] = (), reset_every: int | None = None, progress: bool = False,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """BPB of the same scored tokens (each document's last `score_tokens`) at every context length.
 
-    `progress` shows a tqdm bar over (context, document) pairs; `log` gets one line per finished context.
+    `progress` shows a tqdm bar over (row, document) pairs; `log` gets one line per finished row.
 
-    Returns {"score_tokens", "n_documents", "refresh", "results": [{context, label, bpb, nll_per_token,
-    nll_sum, n_tokens, n_bytes}, ...]} in the order of `contexts` (None = whole prefix). `refresh` applies
-    only to the whole-prefix stream. Raises ValueError for bad arguments or when nothing can be scored.
+    Returns {"score_tokens", "n_documents", "refresh", "reset_every", "results": [{context, label, reset,
+    reset_every, bpb, nll_per_token, nll_sum, n_tokens, n_bytes}, ...]}: one row per entry of `contexts`
+    (None = whole prefix), then one whole-prefix row per entry of `resets` (RESET_PARTS names; the state reset
+    every `reset_every` tokens, default the attention chunk). `refresh` applies only to the plain whole-prefix
+    stream. Raises ValueError for bad arguments or when nothing can be scored.
     """
     if score_tokens < 1 or piece_tokens < 1:
         raise ValueError("score_tokens and piece_tokens must be >= 1")
-    if not contexts or any(c is not None and c < 1 for c in contexts):
-        raise ValueError(f"contexts must be a non-empty list of positive ints or None, got {contexts}")
+    if not contexts and not resets:
+        raise ValueError("give at least one context length or reset")
+    if any(c is not None and c < 1 for c in contexts):
+        raise ValueError(f"contexts must be positive ints or None, got {contexts}")
     if refresh and not isinstance(model, MegalodonLM):
         raise ValueError("refresh (TimestepNorm statistics) applies to Megalodon models only")
+    bad = [r for r in resets if r not in RESET_PARTS]
+    if bad:
+        raise ValueError(f"unknown reset {bad[0]!r}; choose from {', '.join(RESET_PARTS)}")
+    if resets:
+        if not isinstance(model, MegalodonLM):
+            raise ValueError("the reset ablation (CEMA state, TimestepNorm statistics) applies to Megalodon only")
+        reset_every = model.config.chunk_size if reset_every is None else reset_every
+        if reset_every < 1:
+            raise ValueError(f"reset_every must be >= 1, got {reset_every}")
     docs = _encode_all(tokenizer, documents)
     if not docs:
         raise ValueError("no document has two or more tokens: nothing to score")
@@ -204,7 +274,7 @@ def bpb_vs_context(model: MegalodonLM, tokenizer: Any, documents: list[bytes | s
     results = []
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(contexts) * len(docs), unit="doc", disable=not progress)
+    bar = tqdm(total=(len(contexts) + len(resets)) * len(docs), unit="doc", disable=not progress)
     try:
         with torch.inference_mode():
             for context in contexts:
@@ -217,7 +287,18 @@ def bpb_vs_context(model: MegalodonLM, tokenizer: Any, documents: list[bytes | s
                 results.append(_context_result(context, nll, n_tokens, n_bytes))
                 if log is not None:
                     log(f"context {label}: bpb {results[-1]['bpb']:.4f} ({time.perf_counter() - start:.1f} s)")
+            for reset in resets:
+                bar.set_description(f"reset {reset}")
+                start, nll = time.perf_counter(), 0.0
+                for ids, f in zip(docs, firsts, strict=True):
+                    nll += float(document_nll(model, ids, f, None, piece_tokens, reset=reset,
+                                              reset_every=reset_every).sum())
+                    bar.update(1)
+                results.append(_context_result(None, nll, n_tokens, n_bytes, reset, reset_every))
+                if log is not None:
+                    log(f"{results[-1]['label']}: bpb {results[-1]['bpb']:.4f} ({time.perf_counter() - start:.1f} s)")
     finally:
         bar.close()
         model.train(was_training)
-    return {"score_tokens": score_tokens, "n_documents": len(docs), "refresh": refresh, "results": results}
+    return {"score_tokens": score_tokens, "n_documents": len(docs), "refresh": refresh,
+            "reset_every": reset_every if resets else None, "results": results}

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..device import resolve_device
+from ..runtime import add_threads_argument, check_threads, set_threads
 
 GENERATE_HELP = {
     "run_dir": "a run directory written by `megalodon-lm train`",
@@ -55,6 +56,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--load-state", default=None, metavar="PATH", help=h["load_state"])
     p.add_argument("--device", default="auto", help=h["device"])
     p.add_argument("--prefill-chunk", type=int, default=4096, metavar="N", help=h["prefill_chunk"])
+    add_threads_argument(p)
     p.set_defaults(func=run_generate)
     return p
 
@@ -147,6 +149,7 @@ def _print_stream(stream, out: _TextStream) -> tuple[object, int | None, float |
 def run_generate(args: argparse.Namespace) -> int:
     """Handler of `megalodon-lm generate`; returns the exit code (130 when interrupted)."""
     from .. import load_run
+    from ..outputs import check_output_file
     from .decoding import _check_options, generate, stream_generate
     from .state_io import save_state
 
@@ -156,6 +159,10 @@ def run_generate(args: argparse.Namespace) -> int:
     # Bad options fail before the (possibly large) model is loaded.
     _check_options(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.repetition_penalty,
                    args.prefill_chunk)
+    check_threads(args.threads)
+    if args.save_state is not None:  # before generating: a state that cannot be written would be lost
+        check_output_file(args.save_state, "--save-state")
+    set_threads(args.threads)
     model, tokenizer = load_run(args.run_dir, device=device, step=args.step)
     prompt = _prompt_text(args)
     ids, state, rng = _resolve_start(args, model, tokenizer, device, prompt)

@@ -9,10 +9,10 @@ pending. Hence the state returned with `return_state=True` has consumed prompt +
     more = generate(model, tokens[:, -1:], state=state, max_new_tokens=m)
 
 gives exactly the tokens that one call with `max_new_tokens=n + m` gives (greedy; for sampling pass the
-same `torch.Generator` as `seed` to both calls). A row that stopped at EOS is continued after its EOS.
-A continuation prompt may be longer than one token: it is `tokens[:, -1:]` followed by new text. The
-repetition penalty only sees the tokens of one call (its prompt and output), so with a penalty a
-continuation can differ from one long call.
+same `torch.Generator`, or with several rows the same list of one generator per row, as `seed` to both
+calls). A row that stopped at EOS is continued after its EOS. A continuation prompt may be longer than one
+token: it is `tokens[:, -1:]` followed by new text. The repetition penalty only sees the tokens of one call
+(its prompt and output), so with a penalty a continuation can differ from one long call.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import MegalodonLM, StreamState
+from .sampling import RowSeeds, row_generators, sample_rows
 from .static_decode import StaticDecoder
 
 PromptIds = torch.Tensor | Sequence[Sequence[int] | torch.Tensor]
@@ -120,17 +121,6 @@ def as_prompt_batch(prompt_ids: PromptIds, vocab_size: int) -> tuple[torch.Tenso
     return ids, lengths
 
 
-def _make_rng(seed: int | torch.Generator | None) -> torch.Generator | None:
-    """A CPU generator: a fresh one seeded by an int, the caller's own (advanced in place), or None (global)."""
-    if seed is None or isinstance(seed, torch.Generator):
-        if seed is not None and seed.device.type != "cpu":
-            raise ValueError(f"seed must be a CPU torch.Generator (sampling runs on the CPU), got {seed.device}")
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, a torch.Generator or None, got {seed!r}")
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
 # ---------------------------------------------------------------------- model calls
 @contextmanager
 def _eval_mode(model: MegalodonLM):
@@ -189,35 +179,10 @@ def _prefill(model, ids, lengths, state, chunk) -> tuple[StreamState, torch.Tens
 
 
 # ---------------------------------------------------------------------- sampling
-def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL repetition penalty: seen tokens' positive logits / penalty, negative ones x penalty."""
-    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, scaled, logits)
-
-
-def _filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Top-k, then nucleus: (B, V) logits with the dropped tokens at -inf."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        probs, order = torch.sort(torch.softmax(logits, -1), dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already reach top_p: the smallest set whose
-        # mass is >= top_p survives, and the top token always does (its exclusive sum is 0 < top_p).
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 def _sample(logits, seen, temperature, top_k, top_p, penalty, rng) -> torch.Tensor:
-    """(B, V) CPU logits -> (B,) int64 next tokens."""
-    if penalty is not None and penalty != 1:
-        logits = _penalise(logits, seen, penalty)
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = _filter(logits / temperature, top_k, top_p)
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=rng).squeeze(-1)
+    """(B, V) CPU logits -> (B,) int64 next tokens; `rng`: one generator per row, or one for all rows
+    (generation.sampling.sample_rows)."""
+    return sample_rows(logits, rng, temperature, top_k, top_p, penalty, seen)
 
 
 # ---------------------------------------------------------------------- public entry points
@@ -234,7 +199,7 @@ class _Job:
     top_p: float | None
     penalty: float | None
     eos: int | None
-    rng: torch.Generator | None
+    rng: list[torch.Generator | None]  # one per row (generation.sampling.row_generators)
     prefill_chunk: int
     compile: bool = False
 
@@ -255,7 +220,7 @@ def _prepare(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repet
     if state is not None and state.batch_size != ids.shape[0]:
         raise ValueError(f"state is for batch size {state.batch_size}, but there are {ids.shape[0]} prompts")
     return _Job(ids, lengths, state, max_new_tokens, float(temperature), top_k, top_p, repetition_penalty,
-                eos_token_id, _make_rng(seed), prefill_chunk, bool(compile))
+                eos_token_id, row_generators(seed, ids.shape[0]), prefill_chunk, bool(compile))
 
 
 def _decode(model: MegalodonLM, job: _Job) -> Iterator[tuple[torch.Tensor, Callable[[], StreamState]]]:
@@ -313,7 +278,7 @@ def stream_generate(
     top_p: float | None = None,
     repetition_penalty: float | None = None,
     eos_token_id: int | None = None,
-    seed: int | torch.Generator | None = None,
+    seed: RowSeeds = None,
     state: StreamState | None = None,
     prefill_chunk: int = 4096,
     return_state: bool = False,
@@ -343,7 +308,7 @@ def generate(
     top_p: float | None = None,
     repetition_penalty: float | None = None,
     eos_token_id: int | None = None,
-    seed: int | torch.Generator | None = None,
+    seed: RowSeeds = None,
     state: StreamState | None = None,
     prefill_chunk: int = 4096,
     return_state: bool = False,
@@ -351,11 +316,14 @@ def generate(
 ) -> torch.Tensor | tuple[torch.Tensor, StreamState]:
     """Generate `max_new_tokens` tokens after each prompt row -> (B, max_new_tokens) int64, prompt excluded.
 
-    prompt_ids: (B, L) integer tensor, or a list of B 1-D sequences of different lengths (each row then
-    gives exactly what it gives alone). temperature 0 = greedy argmax; otherwise the logits go through
-    repetition_penalty (CTRL, over this call's prompt + generated tokens), / temperature, top_k, top_p,
-    then a multinomial draw from `seed` (an int for a fresh generator, a CPU torch.Generator to continue
-    one, None for torch's global RNG). Rows that produce `eos_token_id` are filled with it afterwards;
+    prompt_ids: (B, L) integer tensor, or a list of B 1-D sequences of different lengths. temperature 0 =
+    greedy argmax; otherwise the logits go through repetition_penalty (CTRL, over this call's prompt +
+    generated tokens), / temperature, top_k, top_p, then a multinomial draw. Each row draws from its own
+    stream (generation.sampling): `seed` an int gives every row a fresh generator seeded with it, so each row
+    gives what it gives alone with that seed, greedy or sampled (up to float rounding of batched logits);
+    a list of B ints / CPU torch.Generators gives row b the b-th (pass it again to continue); a single
+    torch.Generator is shared by the rows in turn (B = 1: continues that stream exactly); None uses torch's
+    global RNG. Rows that produce `eos_token_id` are filled with it afterwards;
     without one, generation never stops early. `state` continues a stream (see the module docstring:
     pass the previous call's tokens[:, -1:] first); with return_state=True returns (tokens, state).
     compile=True decodes with a `torch.compile`d fixed-shape step (generation/static_decode.py): the same

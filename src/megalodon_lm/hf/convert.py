@@ -23,11 +23,13 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     from ..data.tokenizer import save_tokenizer
     from ..fileio import normalize_modes
     from ..models.megalodon import MegalodonLM
-    from ..training.checkpoint import load_run
+    from ..outputs import check_output_dir
+    from ..training.loading import load_run
     from .configuration import MegalodonHFConfig
     from .modeling import MegalodonForCausalLM
     from .tokenizer import write_transformers_tokenizer
 
+    check_output_dir(out_dir, "OUT_DIR")  # before loading: a file or read-only place fails in one line
     model, tok = load_run(run_dir, step=step)
     if not isinstance(model, MegalodonLM):
         raise ValueError(f"{run_dir} is a {type(model).__name__} run: only Megalodon runs export to transformers")
@@ -89,6 +91,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | N
     """
     from ..data.tokenizer import save_tokenizer
     from ..training.checkpoint import TOKENIZER_DIR, init_run_dir, save_checkpoint
+    from ..training.run_lock import lock_run_dir
     from .modeling import MegalodonForCausalLM
 
     src = Path(hf_dir)
@@ -97,7 +100,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str | Path | N
     tok = _load_hf_dir_tokenizer(src, tokenizer)
     hf_model = MegalodonForCausalLM.from_pretrained(src)
     cfg = hf_model.config.to_megalodon_config()
-    path = init_run_dir(run_dir, cfg, {"imported_from": str(src.resolve())}, resume=False)
-    save_tokenizer(tok, path / TOKENIZER_DIR)
-    save_checkpoint(path, step, hf_model.model, None, None, {"step": step, "imported_from": str(src.resolve())})
+    with lock_run_dir(run_dir):  # a writer, like `train`: one at a time
+        path = init_run_dir(run_dir, cfg, {"imported_from": str(src.resolve())}, resume=False)
+        save_tokenizer(tok, path / TOKENIZER_DIR)
+        save_checkpoint(path, step, hf_model.model, None, None, {"step": step, "imported_from": str(src.resolve())})
     return path

@@ -57,6 +57,61 @@ class StreamState:
         """Move every tensor to `device` (dtypes unchanged)."""
         return self._map(lambda t: t.to(device))
 
+    # ------------------------------------------------------------------ rows
+    @classmethod
+    def stack(cls, states: list[StreamState]) -> StreamState:
+        """Rows of several states (same model) as one batch, in order: sum of batch sizes rows.
+
+        Attention caches of different lengths are zero-padded to the longest: a row uses only the first
+        positions % chunk_size cached tokens, so the padding is never read.
+        """
+        if not states:
+            raise ValueError("StreamState.stack needs at least one state")
+        n_layers = {len(s.layers) for s in states}
+        if len(n_layers) != 1:
+            raise ValueError(f"StreamState.stack: states have different numbers of layers {sorted(n_layers)}")
+
+        def cat_cache(ts: list[torch.Tensor]) -> torch.Tensor:
+            n = max(t.shape[1] for t in ts)
+            return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, 0, 0, n - t.shape[1])) for t in ts])
+
+        layers = []
+        for i in range(len(states[0].layers)):
+            per = [s.layers[i] for s in states]
+            norm = tuple(torch.cat([ls.norm[j] for ls in per]) for j in range(3))
+            layers.append(MegaLayerState(norm, torch.cat([ls.cema for ls in per]),
+                                         cat_cache([ls.attn_k for ls in per]), cat_cache([ls.attn_v for ls in per])))
+        final = tuple(torch.cat([s.final_norm[j] for s in states]) for j in range(3))
+        return cls(layers, final, torch.cat([s.positions for s in states]))
+
+    def select(self, rows: torch.Tensor | list[int], chunk_size: int | None = None) -> StreamState:
+        """The state of `rows` (a list or 1-D tensor of row indices), as a new batch (copies).
+
+        chunk_size: also trim the attention caches to the longest partial chunk among those rows, so a row
+        taken out of a batch is as small as if it had run alone (its cache length is positions % chunk_size).
+        """
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        out = self._map(lambda t: t.index_select(0, index))
+        if chunk_size is None:
+            return out
+        keep = int((out.positions % chunk_size).max()) if out.batch_size else 0
+        out.layers = [ls._replace(attn_k=ls.attn_k[:, :keep].clone(), attn_v=ls.attn_v[:, :keep].clone())
+                      for ls in out.layers]
+        return out
+
+    def with_reset(self, fresh: StreamState, cema: bool = False, norm: bool = False) -> StreamState:
+        """This state with chosen memory paths taken from `fresh` (e.g. `model.init_state(B)`).
+
+        cema: every layer's CEMA hidden state; norm: every TimestepNorm's running statistics (each layer's and
+        the final norm's). The attention's partial chunk and the positions are kept: attention never looks
+        past its chunk, so at a chunk boundary (empty partial chunk) resetting both equals a fresh stream.
+        """
+        layers = [
+            MegaLayerState(f.norm if norm else ls.norm, f.cema if cema else ls.cema, ls.attn_k, ls.attn_v)
+            for ls, f in zip(self.layers, fresh.layers, strict=True)
+        ]
+        return StreamState(layers, fresh.final_norm if norm else self.final_norm, self.positions)
+
     # ------------------------------------------------------------------ flat dict form
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Flat {name: tensor} (complex CEMA states as real (..., 2)), e.g. for safetensors files."""

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.cema import CemaCoefficients, cema, cema_coefficients
+from .lean import lean_active
 
 
 class ComplexEMA(nn.Module):
@@ -65,4 +66,4 @@ class ComplexEMA(nn.Module):
         """x: (B, L, D) -> (y (B, L, D), final complex state (B, D, N) if need_state).
 
         cu_seqlens: packed documents over the B*L tokens, each from a zero state (ops/varlen.py)."""
-        return cema(x, self.coefficients(), h0, lengths, need_state, cu_seqlens=cu_seqlens)
+        return cema(x, self.coefficients(), h0, lengths, need_state, cu_seqlens=cu_seqlens, lean=lean_active())

@@ -79,7 +79,12 @@ class MovingAverageGatedAttention(nn.Module):
 
         # Without packed documents the lean TimestepNorm has its own backward (stores x and statistics).
         xn, norm_stats = timenorm(x) if info.cu_seqlens is None else run(timenorm, x)
-        mx, cema_h = run(lambda t: self._cema_rmsnorm(t, state, info), xn)
+        if lean and info.cu_seqlens is None:
+            # The lean CEMA has its own backward (ops/cema/chunk_fn.py: stores xn and block states).
+            c, cema_h = self._cema(xn, state, info)
+            mx = recompute(self._rmsnorm_dropout, c)
+        else:
+            mx, cema_h = run(lambda t: self._cema_rmsnorm(t, state, info), xn)
         z_raw, v_raw, r_raw = self.wz(mx), self.wv(xn), self.wr(mx)
         out, cache_k, cache_v = run(lambda z, v: self._attention(z, v, state, info, freqs), z_raw, v_raw)
         p = self.hidden_dropout if drop else 0.0
@@ -94,15 +99,23 @@ class MovingAverageGatedAttention(nn.Module):
             return y, None
         return y, MegaLayerState(norm_stats, cema_h, cache_k, cache_v)
 
+    def _cema(
+        self, xn: torch.Tensor, state: MegaLayerState | None, info: StreamInfo
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """xn (B, L, D) -> (CEMA(xn) (B, L, D), final CEMA state or None)."""
+        if info.cu_seqlens is None:
+            return self.cema(xn, None if state is None else state.cema, info.lengths, info.need_state)
+        return self.cema(xn, need_state=info.need_state, cu_seqlens=info.cu_seqlens)
+
+    def _rmsnorm_dropout(self, c: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.rmsnorm(c), self.hidden_dropout, self.training)
+
     def _cema_rmsnorm(
         self, xn: torch.Tensor, state: MegaLayerState | None, info: StreamInfo
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """xn (B, L, D) -> (dropout(RMSNorm(CEMA(xn))) (B, L, D), final CEMA state or None)."""
-        if info.cu_seqlens is None:
-            mx, cema_h = self.cema(xn, None if state is None else state.cema, info.lengths, info.need_state)
-        else:
-            mx, cema_h = self.cema(xn, need_state=info.need_state, cu_seqlens=info.cu_seqlens)
-        return F.dropout(self.rmsnorm(mx), self.hidden_dropout, self.training), cema_h
+        c, cema_h = self._cema(xn, state, info)
+        return self._rmsnorm_dropout(c), cema_h
 
     def _attention(
         self, z_raw: torch.Tensor, v_raw: torch.Tensor, state: MegaLayerState | None, info: StreamInfo,

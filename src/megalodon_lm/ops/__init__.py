@@ -5,7 +5,16 @@ kernels for CEMA and TimestepNorm on CUDA).
 """
 
 from .attention import chunk_attention, chunk_attention_naive
-from .cema import CemaCoefficients, cema, cema_chunked, cema_coefficients, cema_fft, cema_naive, cema_triton
+from .cema import (
+    CemaCoefficients,
+    cema,
+    cema_chunked,
+    cema_chunked_fn,
+    cema_coefficients,
+    cema_fft,
+    cema_naive,
+    cema_triton,
+)
 from .rope import apply_rope, rope_inverse_frequencies
 from .timestep_norm import timestep_norm, timestep_norm_naive, timestep_norm_prefix, timestep_norm_triton
 
@@ -14,6 +23,7 @@ __all__ = [
     "apply_rope",
     "cema",
     "cema_chunked",
+    "cema_chunked_fn",
     "cema_coefficients",
     "cema_fft",
     "cema_naive",

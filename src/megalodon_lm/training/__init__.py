@@ -1,17 +1,9 @@
 """Training: the loop (`train`), its options (`TrainConfig`), run directories and checkpoints, the
 learning-rate schedule and metrics logging."""
 
-from .checkpoint import (
-    RUN_FORMAT_VERSION,
-    init_run_dir,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_model_weights,
-    load_run,
-    save_checkpoint,
-)
+from .checkpoint import RUN_FORMAT_VERSION, init_run_dir, latest_checkpoint, list_checkpoints, save_checkpoint
 from .config import TrainConfig
+from .loading import load_checkpoint, load_model_weights, load_run
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics, read_metrics
 from .schedule import WarmupCosine, lr_multiplier
 from .trainer import TrainingError, TrainResult, evaluate, run_training, train

@@ -13,15 +13,22 @@ Layout (format version 1)::
                                scheduler.json       the LR scheduler's state (absent when there is none)
                                trainer_state.json   the caller's dict: step, tokens, elapsed, data position, ...
                                rng.safetensors      "cpu": torch CPU RNG state; "cuda:<i>": each CUDA device's
+                               manifest.json        every file's size and SHA-256 (training.manifest), written last
         latest                 text file naming the newest complete checkpoint directory
+      .lock                    the writer's lock (training.run_lock): one training process per run directory
       (a distributed run's step_* holds dcp/ shards and rng_rank<r>.safetensors instead of model.safetensors,
        optimizer.pt and rng.safetensors; see megalodon_lm.distributed.checkpoint_dcp)
       metrics.jsonl, ...       see megalodon_lm.training.metrics
 
-A checkpoint is written into ``checkpoints/.tmp-step_NNNNNNNN-<pid>/``, fsynced and renamed into place, so a
-``step_*`` directory is always complete; ``latest`` is replaced atomically afterwards. Anything named ``.tmp-*``
-is debris of an interrupted save: readers ignore it and the next save removes it. Only one process (rank 0)
-may save into a run directory at a time.
+A checkpoint is written into ``checkpoints/.tmp-step_NNNNNNNN-<pid>/``, fsynced, given its manifest and renamed
+into place, so a ``step_*`` directory is always complete; ``latest`` is replaced atomically afterwards. Anything
+named ``.tmp-*`` is debris of an interrupted save: readers ignore it, and a save removes the debris of its own
+process and of processes that no longer run (never another live process's). Only the process holding the run
+lock (rank 0 under torchrun) saves into a run directory. A save that fails (a full disk) removes its partial
+directory and raises `CheckpointWriteError`: the previous checkpoint stays as it was.
+
+Loading (training.loading) verifies the manifest and that the weights are finite (`CorruptCheckpointError`
+otherwise, one line); checkpoints written before manifests existed load unverified, with the finiteness check.
 """
 
 from __future__ import annotations
@@ -36,10 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
 
 from ..fileio import save_safetensors
-from ..models import MegalodonConfig, MegalodonLM
+from ..models import MegalodonConfig
+from .manifest import NonFiniteError, first_non_finite, write_manifest
 
 RUN_FORMAT_VERSION = 1
 
@@ -58,6 +66,12 @@ SHARDED_DIR = "dcp"  # torch.distributed.checkpoint shards of a distributed run 
 
 TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"step_(\d+)")
+_DEBRIS_PID_RE = re.compile(r"-(\d+)$")  # .tmp-<what>-<pid of the writing process>
+_LOW_DISK = 64 << 20  # below this many free bytes, a failed write is reported as a full disk
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, read-only, ...); the previous one is intact."""
 
 
 # ---------------------------------------------------------------------- small file helpers
@@ -89,12 +103,26 @@ def _to_json(data: Any) -> str:
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see either the old or the new file, never a partial one."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a partial temporary behind
+        raise
     _fsync_path(path.parent)
+
+
+def read_json_file(path: str | Path) -> Any:
+    """A JSON file's content; unreadable or invalid JSON is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
 
 
 def _remove(path: Path) -> None:
@@ -110,10 +138,7 @@ def _read_run_info(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / RUN_FILE
     if not path.is_file():
         return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
+    info = read_json_file(path)
     version = info.get("format_version") if isinstance(info, dict) else None
     if version != RUN_FORMAT_VERSION:
         raise ValueError(
@@ -133,13 +158,8 @@ def _check_writable(run_dir: Path) -> None:
         raise ValueError(f"output directory is not writable: {run_dir} ({exc.strerror or exc})") from exc
 
 
-def init_run_dir(run_dir: str | Path, model_config: MegalodonConfig, train_config: dict[str, Any],
-                 resume: bool) -> Path:
-    """Create (or validate, when resuming) a run directory and write its run/model/train config files.
-
-    Refuses a directory that already has checkpoints unless `resume`. With `resume`, an existing run is
-    validated (format version) and left untouched; a directory without run.json is initialised as new.
-    """
+def ensure_run_dir(run_dir: str | Path) -> Path:
+    """Create `run_dir` (and its parents) if needed and check that it is a writable directory (ValueError)."""
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output path exists and is not a directory: {path}")
@@ -148,6 +168,17 @@ def init_run_dir(run_dir: str | Path, model_config: MegalodonConfig, train_confi
     except OSError as exc:
         raise ValueError(f"cannot create output directory {path}: {exc.strerror or exc}") from exc
     _check_writable(path)
+    return path
+
+
+def init_run_dir(run_dir: str | Path, model_config: MegalodonConfig, train_config: dict[str, Any],
+                 resume: bool) -> Path:
+    """Create (or validate, when resuming) a run directory and write its run/model/train config files.
+
+    Refuses a directory that already has checkpoints unless `resume`. With `resume`, an existing run is
+    validated (format version) and left untouched; a directory without run.json is initialised as new.
+    """
+    path = ensure_run_dir(run_dir)
 
     if resume:
         if _read_run_info(path) is not None:
@@ -249,6 +280,42 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return states
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else (or cannot tell): leave its files alone
+    return True
+
+
+def remove_debris(ckpt_root: Path) -> None:
+    """Remove `.tmp-*` entries written by this process or by processes that no longer run.
+
+    A live process's temporary (another writer that ignores the run lock, e.g. an older megalodon-lm) is
+    left alone; readers ignore `.tmp-*` either way.
+    """
+    if not ckpt_root.is_dir():
+        return
+    for debris in ckpt_root.glob(f"{TMP_PREFIX}*"):
+        match = _DEBRIS_PID_RE.search(debris.name)
+        if match and (int(match.group(1)) == os.getpid() or not _pid_alive(int(match.group(1)))):
+            _remove(debris)
+
+
+def write_failure(exc: BaseException, where: Path) -> str:
+    """A one-line reason for a failed write: the OS error, or a full disk behind torch's opaque messages."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.strerror or os.strerror(exc.errno)
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return text
+    return f"No space left on device ({free:,} bytes free)" if free < _LOW_DISK else text
+
+
 def _prune(ckpt_root: Path, keep_last: int | None, just_written: Path) -> None:
     if keep_last is None:
         return
@@ -269,27 +336,42 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+    weights = unaliased_cpu(model.state_dict())
+    bad = first_non_finite(weights)
+    if bad is not None:  # such a checkpoint would only be pruned into the place of a good one
+        raise NonFiniteError(f"the weights hold NaN or infinity ({bad}) at step {step}: not saved")
     ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    for debris in ckpt_root.glob(f"{TMP_PREFIX}*"):
-        _remove(debris)
-
     name = _step_dir_name(step)
     tmp = ckpt_root / f"{TMP_PREFIX}{name}-{os.getpid()}"
-    tmp.mkdir()
-    save_safetensors(unaliased_cpu(model.state_dict()), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    if scheduler_state is not None:
-        (tmp / SCHEDULER_FILE).write_text(_to_json(scheduler_state), encoding="utf-8")
-    save_safetensors(_rng_tensors(), str(tmp / RNG_FILE))
-    # trainer_state.json marks completeness, so it is written last.
-    (tmp / TRAINER_STATE_FILE).write_text(_to_json(trainer_state), encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
-
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        remove_debris(ckpt_root)
+        tmp.mkdir()
+        save_safetensors(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if scheduler_state is not None:
+            (tmp / SCHEDULER_FILE).write_text(_to_json(scheduler_state), encoding="utf-8")
+        save_safetensors(_rng_tensors(), str(tmp / RNG_FILE))
+        # trainer_state.json marks completeness, the manifest (hashes of everything else) comes last.
+        (tmp / TRAINER_STATE_FILE).write_text(_to_json(trainer_state), encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync_path(f)
+        write_manifest(tmp)
+        _fsync_path(tmp)
+    except BaseException as exc:
+        _remove(tmp)
+        if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+            raise CheckpointWriteError(checkpoint_write_message(name, ckpt_root, exc)) from exc
+        raise
     return publish_checkpoint(tmp, ckpt_root, name, keep_last)
+
+
+def checkpoint_write_message(name: str, ckpt_root: Path, exc: BaseException) -> str:
+    previous = latest_checkpoint(ckpt_root.parent)
+    kept = f"{previous.name} is intact" if previous is not None else "no earlier checkpoint exists"
+    return (f"cannot write checkpoint {name} in {ckpt_root}: {write_failure(exc, ckpt_root)} "
+            f"({kept}; the partial checkpoint was removed)")
 
 
 def publish_checkpoint(tmp: Path, ckpt_root: Path, name: str, keep_last: int) -> Path:
@@ -305,86 +387,23 @@ def publish_checkpoint(tmp: Path, ckpt_root: Path, name: str, keep_last: int) ->
     else:
         os.replace(tmp, final)
     _fsync_path(ckpt_root)
-    _atomic_write_text(ckpt_root / LATEST_FILE, name + "\n")
+    try:
+        _atomic_write_text(ckpt_root / LATEST_FILE, name + "\n")
+    except OSError as exc:  # the checkpoint itself is complete; `latest` still names the previous one
+        raise CheckpointWriteError(f"checkpoint {final} was written but {ckpt_root / LATEST_FILE} could not be "
+                                   f"updated: {write_failure(exc, ckpt_root)}") from exc
     _prune(ckpt_root, keep_last, final)
     return final
 
 
-# ---------------------------------------------------------------------- loading
-def _device_str(device: str | torch.device) -> str:
-    return str(torch.device(device))
+# Loading lives in training/loading.py; its entry points stay importable from here.
+_LOADING = frozenset({"load_checkpoint", "load_model_weights", "load_run", "read_weights", "read_trainer_state",
+                      "read_scheduler_state", "CheckpointMismatchError"})
 
 
-def load_model_weights(ckpt_dir: str | Path, model: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
-    """Load a checkpoint's model.safetensors strictly into `model` (no RNG or optimizer side effects)."""
-    path = Path(ckpt_dir) / MODEL_FILE
-    if not path.is_file() and is_sharded(ckpt_dir):
-        raise FileNotFoundError(f"{Path(ckpt_dir)} holds sharded weights only: write {MODEL_FILE} with "
-                                f"`megalodon-lm consolidate {Path(ckpt_dir).parent.parent}`")
-    if not path.is_file():
-        raise FileNotFoundError(f"no model weights ({MODEL_FILE}) in {Path(ckpt_dir)}")
-    model.load_state_dict(load_file(str(path), device=_device_str(map_location)), strict=True)
+def __getattr__(name: str) -> Any:
+    if name in _LOADING:
+        from . import loading
 
-
-def _restore_rng(path: Path) -> None:
-    if not path.is_file():
-        return
-    states = load_file(str(path))
-    if "cpu" in states:
-        torch.set_rng_state(states["cpu"])
-    if torch.cuda.is_available():
-        # A checkpoint from a machine with more GPUs restores the devices that exist here.
-        for i in range(torch.cuda.device_count()):
-            if f"cuda:{i}" in states:
-                torch.cuda.set_rng_state(states[f"cuda:{i}"], i)
-
-
-def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore weights (strict), optimizer state and RNG states; return (trainer_state, scheduler_state).
-
-    Nothing is unpickled beyond tensors and plain containers (torch.load with weights_only=True).
-    """
-    ckpt = Path(ckpt_dir)
-    if not _is_complete(ckpt):
-        raise FileNotFoundError(f"not a complete checkpoint directory: {ckpt}")
-    load_model_weights(ckpt, model, map_location)
-    if optimizer is not None:
-        opt_path = ckpt / OPTIMIZER_FILE
-        if not opt_path.is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt} has no optimizer state ({OPTIMIZER_FILE})")
-        optimizer.load_state_dict(torch.load(opt_path, map_location=map_location, weights_only=True))
-    _restore_rng(ckpt / RNG_FILE)
-    trainer_state = json.loads((ckpt / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
-    sched_path = ckpt / SCHEDULER_FILE
-    scheduler_state = json.loads(sched_path.read_text(encoding="utf-8")) if sched_path.is_file() else None
-    return trainer_state, scheduler_state
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
-             step: int | None = None) -> tuple[MegalodonLM, Any]:
-    """(model in eval mode on `device`, tokenizer) from a run directory's latest or given-step checkpoint.
-
-    The model is a MegalodonLM, or a LlamaLM for a run of `--arch llama`."""
-    path = Path(run_dir)
-    config_path = path / MODEL_CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path} is not a megalodon-lm run directory (no {MODEL_CONFIG_FILE})")
-    _read_run_info(path)
-    if step is None:
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint in {path / CHECKPOINTS_DIR}")
-    else:
-        ckpt = path / CHECKPOINTS_DIR / _step_dir_name(step)
-        if not _is_complete(ckpt):
-            steps = [s for s, _ in _complete_checkpoints(path / CHECKPOINTS_DIR)]
-            raise FileNotFoundError(f"no complete checkpoint for step {step} in {path} (available steps: {steps})")
-
-    from ..data.tokenizer import load_tokenizer  # lazy: the data module is optional for checkpointing
-    from ..models.llama_baseline import model_from_run_dir  # a run of `--arch llama` loads its LlamaLM
-
-    model = model_from_run_dir(path, MegalodonConfig.from_json(config_path))
-    load_model_weights(ckpt, model)
-    model.eval().to(device)
-    return model, load_tokenizer(path / TOKENIZER_DIR)
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ class TrainConfig:
 
     # model and data
     arch: str = "megalodon"  # megalodon | llama (HF LlamaForCausalLM matched to the preset's parameter count)
-    preset: str = "mini"  # model preset (MegalodonConfig.from_preset); `[model]` in the TOML overrides fields
+    preset: str = "3M"  # model preset (MegalodonConfig.from_preset); `[model]` in the TOML overrides fields
     data: list[str] = field(default_factory=list)  # files, directories, globs; empty = the stdlib .py corpus
     val_data: list[str] = field(default_factory=list)  # validation sources; empty = split off the training data
     tokenizer: str = "byte"  # "byte" or a path to a tokenizer.json / tokenizer directory
@@ -48,7 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # evaluation, logging, checkpoints
     eval_every: int = 200
-    eval_tokens: int = 131072  # validation targets scored per evaluation
+    eval_tokens: int = 131072  # validation targets scored per evaluation (evenly spread over every document)
     save_every: int = 500
     keep_last: int = 3
     log_every: int = 10
@@ -70,10 +72,12 @@ class TrainConfig:
     parallel: str = "auto"  # auto (ddp with several processes) | ddp | fsdp | none
     chunk_parallel: int = 1  # K ranks share each sequence, K contiguous pieces (Megalodon's chunk parallelism)
     activation_checkpointing: bool = False  # recompute each block in the backward (less memory, ~1/3 more compute)
+    memory_check: bool = True  # refuse a model that cannot fit in memory before building it (training/memory.py)
     model: dict[str, Any] = field(default_factory=dict)  # MegalodonConfig overrides (TOML [model])
 
     def validate(self) -> None:
-        """One clear error per bad option, before any work starts."""
+        """One clear error per bad option, before any work starts (nothing is written before this passes)."""
+        check_types(self.__dict__, TrainConfig, None)
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "keep_last",
                     "log_every", "eval_tokens")
         for name in positive:
@@ -85,10 +89,27 @@ class TrainConfig:
             raise ValueError("--warmup-steps and --sample-tokens must be >= 0")
         if isinstance(self.max_time, str) and self.max_time.strip().lower() in ("", "none"):
             self.max_time = None  # "none" on the command line (or in the API) means no time limit
+        if self.max_time is not None:
+            from .metrics import parse_duration
+
+            parse_duration(self.max_time)  # "--max-time 10x" fails here, before anything is written
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) must not exceed --max-steps ({self.max_steps})")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"--eps must be a positive number, got {self.eps}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"--grad-clip must be a positive number, or 0 for no clipping; got {self.grad_clip}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("fp32", "bf16"):
@@ -127,16 +148,70 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+          "list[str]": "a list of strings", "dict[str, Any]": "a table"}
+
+
+_ALSO = {"max_time": "float"}  # a duration may also be given as a number of seconds
+
+
+def _type_ok(annotation: str, value: Any) -> bool:
+    """Does `value` fit a dataclass field annotation ("int", "str | None", "list[str]", ...)?"""
+    if annotation.endswith(" | None"):
+        return value is None or _type_ok(annotation[: -len(" | None")], value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation == "str":
+        return isinstance(value, (str, os.PathLike))
+    if annotation == "list[str]":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)
+    if annotation.startswith("dict"):
+        return isinstance(value, dict)
+    return True  # an annotation this checker does not know: left to the field's own validation
+
+
+def check_types(values: dict[str, Any], cls: type, source: Path | None) -> None:
+    """TypeError naming the option (and the TOML file it came from) whose value has the wrong type."""
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        annotation = annotations.get(key)
+        if annotation is None or _type_ok(annotation, value) or (key in _ALSO and _type_ok(_ALSO[key], value)):
+            continue
+        base = annotation.replace(" | None", "")
+        kind = _KINDS.get(base, base) + (" (or omitted)" if annotation.endswith("| None") else "")
+        where = f"{source}: key {key!r}" if source is not None else f"--{key.replace('_', '-')}"
+        if cls is not TrainConfig:
+            where = f"{source}: [model] key {key!r}" if source is not None else f"model.{key}"
+        raise TypeError(f"{where} must be {kind}, got {value!r}")
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML run config; unknown keys are an error naming them."""
+    """Read a TOML run config; unknown keys, wrong types and malformed TOML are errors naming the file."""
+    from ..models import MegalodonConfig
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    with p.open("rb") as fh:
-        data = tomllib.load(fh)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{p} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read {p}: {exc.strerror or exc}") from exc
     unknown = sorted(set(data) - set(field_names()))
     if unknown:
         raise ValueError(f"unknown key(s) in {p}: {', '.join(unknown)}")
+    check_types(data, TrainConfig, p)
+    model = data.get("model", {})
+    unknown = sorted(set(model) - {f.name for f in dataclasses.fields(MegalodonConfig)})
+    if unknown:
+        raise ValueError(f"unknown key(s) in the [model] table of {p}: {', '.join(unknown)}")
+    check_types(model, MegalodonConfig, p)
     return data
 
 
@@ -145,7 +220,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 RESUME_MAY_CHANGE = frozenset({"resume", "out", "progress", "threads", "device", "tensorboard", "cache_dir",
                                "max_steps", "max_time", "log_every", "keep_last", "eval_every", "save_every",
                                "sample_tokens", "sample_prompt", "parallel", "chunk_parallel",
-                               "activation_checkpointing"})
+                               "activation_checkpointing", "memory_check"})
 
 
 def resolve_resume_config(overrides: dict[str, Any], toml_path: str | Path | None = None) -> TrainConfig:
@@ -161,11 +236,13 @@ def resolve_resume_config(overrides: dict[str, Any], toml_path: str | Path | Non
     out = given.get("out")  # a flag, else the TOML's `out`
     run_dir = Path(out) if out else default_run_dir(resume=True)
     saved_path = run_dir / "train_config.json"
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import latest_checkpoint, read_json_file
 
     if latest_checkpoint(run_dir) is None or not saved_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
-    saved = json.loads(saved_path.read_text())
+    saved = read_json_file(saved_path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{saved_path} does not hold a training configuration")
     unknown = sorted(set(given) - set(field_names()))
     if unknown:
         raise TypeError(f"unknown training option(s): {', '.join(unknown)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.dataset import build_corpora, bytes_per_target, eval_windows, sample_batch
+from ..data.dataset import build_corpora, bytes_per_target, sample_batch, sample_eval_windows
 from ..data.packing import DocumentMaskedForward
 from ..data.sources import resolve_sources
 from ..data.tokenizer import load_tokenizer, save_tokenizer
@@ -29,20 +30,19 @@ from ..device import resolve_device
 from ..generation.decoding import stream_generate
 from ..models import MegalodonConfig, MegalodonLM
 from ..models.llama_baseline import LlamaLM, arch_config, build_model, sample_llama_text, save_arch
-from ..runtime import tune_cpu_allocator
+from ..outputs import check_output_dir
+from ..runtime import set_threads, tune_cpu_allocator
 from .budget import TimeBudget, measure_decode, measure_eval
-from .checkpoint import (
-    init_run_dir,
-    is_sharded,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
+from .checkpoint import CHECKPOINTS_DIR, init_run_dir, is_sharded, latest_checkpoint, save_checkpoint
 from .config import TrainConfig, default_run_dir, resolve_config, resolve_resume_config
+from .fallback import check_resume_state, choose_resume_checkpoint, newest_verified_checkpoint
+from .loading import load_checkpoint, load_model_weights, read_model_config
+from .manifest import CorruptCheckpointError, NonFiniteError
+from .memory import check_memory, estimate_training_memory
 from .metrics import MetricsLogger, format_duration, parse_duration, plot_metrics, read_metrics
 from .progress import Progress
 from .resume import plan_resume, read_checkpoint_state, record_resumed_limits
+from .run_lock import lock_run_dir
 from .schedule import WarmupCosine
 from .stop import StopFlag
 
@@ -96,7 +96,7 @@ def _init_from_config(src: Path, vocab_size: int) -> MegalodonConfig:
     """Fine-tuning keeps the source run's architecture; its vocabulary must match the tokenizer."""
     if latest_checkpoint(src) is None or not (src / "model_config.json").is_file():
         raise FileNotFoundError(f"--init-from: no checkpoint in {src}")
-    mcfg = MegalodonConfig.from_json(src / "model_config.json")
+    mcfg = read_model_config(src / "model_config.json")
     if mcfg.vocab_size != vocab_size:
         raise ValueError(f"--init-from {src}: its vocabulary ({mcfg.vocab_size}) differs from the tokenizer's "
                          f"({vocab_size}); use the source run's tokenizer ({src / 'tokenizer'})")
@@ -105,16 +105,19 @@ def _init_from_config(src: Path, vocab_size: int) -> MegalodonConfig:
 
 @torch.no_grad()
 def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_lengths: torch.Tensor,
-             device: torch.device, autocast, should_stop: Callable[[], bool] | None = None
-             ) -> tuple[float, float] | None:
+             device: torch.device, autocast, should_stop: Callable[[], bool] | None = None,
+             info: dict[str, Any] | None = None) -> tuple[float, float] | None:
     """Validation loss (nats per token) and bits per byte over fixed windows of the validation data.
 
-    `should_stop` is asked before each batch; when it says yes the evaluation is abandoned and None returned.
+    The windows are `sample_eval_windows`: all of the split when it fits in `max_tokens`, else an evenly spread
+    sample of every document. `info`, when given, receives what was scored (val_sample, val_targets, val_docs,
+    val_docs_total) and the scored text bytes (val_bytes). `should_stop` is asked before each batch; when it
+    says yes the evaluation is abandoned and None returned.
     """
     was_training = model.training
     model.eval()
     nll, count, n_bytes = 0.0, 0, 0
-    windows = list(eval_windows(corpus, seq_len, max_tokens))
+    windows, described = sample_eval_windows(corpus, seq_len, max_tokens)
     full = [w for w in windows if w[0].shape[1] == seq_len]
     groups = [full[i : i + EVAL_BATCH] for i in range(0, len(full), EVAL_BATCH)]
     groups += [[w] for w in windows if w[0].shape[1] != seq_len]  # a shorter last window goes alone
@@ -130,6 +133,8 @@ def evaluate(model: MegalodonLM, corpus, seq_len: int, max_tokens: int, byte_len
         count += int((y != -100).sum())
         n_bytes += int(bytes_per_target(y.cpu(), byte_lengths))
     model.train(was_training)
+    if info is not None:
+        info.update(described, val_bytes=n_bytes)
     return nll / max(count, 1), nll / math.log(2) / max(n_bytes, 1)
 
 
@@ -144,32 +149,66 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if not is_torchrun():
         if cfg.chunk_parallel > 1:
             raise ValueError("--chunk-parallel needs several processes: launch with torchrun (docs/distributed.md)")
-        return _run_training(cfg, None)
+        with contextlib.ExitStack() as hold:  # holds the run directory's lock until the run is over
+            return _run_training(cfg, None, hold)
     from ..distributed.run import DistributedRun
 
     drun = DistributedRun(cfg)
     try:
-        return _run_training(cfg, drun)
+        with contextlib.ExitStack() as hold:
+            return _run_training(cfg, drun, hold)
     finally:
         drun.close()
 
 
-def _run_training(cfg: TrainConfig, drun) -> TrainResult:
+def _check_memory(cfg: TrainConfig, mcfg: MegalodonConfig, device: torch.device, drun) -> None:
+    """Refuse a model that cannot fit before building it (training/memory.py); --no-memory-check skips this."""
+    if not cfg.memory_check:
+        return
+    batch, shards, processes = cfg.batch_size, 1, 1
+    if drun is not None:
+        shards = drun.ctx.world_size if drun.kind == "fsdp" else 1
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    estimate = estimate_training_memory(mcfg, batch, cfg.seq_len, bf16=cfg.dtype == "bf16",
+                                        activation_checkpointing=cfg.activation_checkpointing, shards=shards)
+    check_memory(estimate, device, processes, what=f"preset {cfg.preset!r} at --batch-size {batch} --seq-len "
+                                                   f"{cfg.seq_len}")
+
+
+def _resume_checkpoint(run_dir: Path, drun) -> Path:
+    """The checkpoint a resume continues from: the newest that verifies, each skipped one reported in one line.
+    Under torchrun rank 0 verifies (it hashes every shard) and the others take its choice."""
+    if drun is None:
+        return choose_resume_checkpoint(run_dir, _report)
+    chosen, error = None, None
+    if drun.is_main:
+        try:
+            chosen = choose_resume_checkpoint(run_dir, _report)
+        except CorruptCheckpointError as exc:
+            error = exc
+    step = drun.from_main(-1 if chosen is None else int(chosen.name.split("_")[1]))
+    if step < 0:
+        raise error if error is not None else CorruptCheckpointError(f"no loadable checkpoint in {run_dir}")
+    return run_dir / CHECKPOINTS_DIR / f"step_{step:08d}"
+
+
+def _run_training(cfg: TrainConfig, drun, hold: contextlib.ExitStack) -> TrainResult:
     t_session = time.perf_counter()  # the budget counts the whole session, data preparation included
     main = drun is None or drun.is_main
     device = resolve_device(cfg.device) if drun is None else drun.device
     if device.type == "cpu":
         tune_cpu_allocator()  # see megalodon_lm.runtime: keeps long-sequence steps from re-faulting memory
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.resume)
 
     # ---- everything that can fail on bad input happens before any training
+    check_output_dir(run_dir, "output directory")  # before tokenizing: a file or read-only place fails now
     if cfg.resume and latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
     if cfg.resume and drun is None and is_sharded(latest_checkpoint(run_dir)):
         raise ValueError(f"{latest_checkpoint(run_dir)} was saved by a distributed run: resume it under torchrun "
                          "(any number of processes, 1 included)")
+    resume_from = _resume_checkpoint(run_dir, drun) if cfg.resume else None
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     if drun is not None:
         tokens_per_step = drun.global_batch * cfg.seq_len * cfg.grad_accum
@@ -177,7 +216,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
                         cfg.sample_tokens)
     plan = None
     if cfg.resume:
-        state, sched_state = read_checkpoint_state(latest_checkpoint(run_dir))
+        state, sched_state = read_checkpoint_state(resume_from)
         plan = plan_resume(cfg, run_dir, state, sched_state, budget)
         if plan.nothing_left:  # one line, nothing evaluated or written
             if main:
@@ -186,7 +225,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
                                "nothing_left")
     tokenizer = load_tokenizer(run_dir / "tokenizer") if cfg.resume else load_tokenizer(cfg.tokenizer)
     if cfg.resume:
-        mcfg = MegalodonConfig.from_json(run_dir / "model_config.json")
+        mcfg = read_model_config(run_dir / "model_config.json")
     elif cfg.init_from:
         mcfg = _init_from_config(Path(cfg.init_from), tokenizer.vocab_size)
     else:
@@ -202,6 +241,7 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         if cfg.document_masking or cfg.arch != "megalodon":
             raise ValueError("under torchrun only --arch megalodon without --document-masking is supported yet")
         drun.check_model(mcfg)
+    _check_memory(cfg, mcfg, device, drun)
     with contextlib.nullcontext() if drun is None else drun.main_first():  # rank 0 fills the shared cache
         train_data, val_data = build_corpora(sources, tokenizer,
                                              cfg.cache_dir or Path.home() / ".cache" / "megalodon-lm",
@@ -210,9 +250,12 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         raise ValueError(f"training data has {len(train_data.tokens)} tokens, fewer than one window of "
                          f"--seq-len {cfg.seq_len} + 1")
     budget.eval_tokens = min(cfg.eval_tokens, len(val_data.tokens) - 1)  # an evaluation scores at most all of it
+    lock = lock_run_dir(run_dir, drun)  # the first write: all checks passed. One writer per run directory.
+    if lock is not None:
+        hold.callback(lock.release)
     with contextlib.nullcontext() if drun is None else drun.main_first():
         if main:
-            init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)  # the first write: all checks passed
+            init_run_dir(run_dir, mcfg, cfg.to_dict(), resume=cfg.resume)
             if not cfg.resume:
                 save_tokenizer(tokenizer, run_dir / "tokenizer")
     byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
@@ -239,10 +282,12 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
         metrics = NullMetrics()
     evaluated_at = -1
     if cfg.resume:
+        # The checkpoint chosen above was verified (manifest, JSON, finite weights); the load checks the rest.
         if drun is None:
-            state, sched_state = load_checkpoint(latest_checkpoint(run_dir), model, optimizer)
+            state, sched_state = load_checkpoint(resume_from, model, optimizer, verify=False)
         else:
-            state, sched_state = drun.load(latest_checkpoint(run_dir), optimizer)
+            state, sched_state = drun.load(resume_from, optimizer, verify=False)
+        check_resume_state(resume_from, state)
         if sched_state:
             schedule.load_state_dict(sched_state)
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -280,10 +325,13 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
                 **budget.state_dict()}
 
     def save() -> Path:
-        if drun is not None:
-            return drun.save(run_dir, step, optimizer, schedule.state_dict(), trainer_state(), cfg.keep_last)
-        return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
-                               keep_last=cfg.keep_last)
+        try:
+            if drun is not None:
+                return drun.save(run_dir, step, optimizer, schedule.state_dict(), trainer_state(), cfg.keep_last)
+            return save_checkpoint(run_dir, step, model, optimizer, schedule.state_dict(), trainer_state(),
+                                   keep_last=cfg.keep_last)
+        except NonFiniteError as exc:
+            raise TrainingError(f"{exc}; stopping. The last good checkpoint is kept: {_last_good(run_dir)}") from exc
 
     n_params = sum(p.numel() for p in model.parameters())
     where = f"{device}"
@@ -318,15 +366,18 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
             nonlocal val_loss, val_bpb, evaluated_at
             eval_model = model if drun is None else drun.eval_module  # FSDP2: every rank runs the root module
             t0 = time.perf_counter()
+            scored: dict[str, Any] = {}
             result = evaluate(eval_model, val_data, cfg.seq_len, cfg.eval_tokens if max_tokens is None else max_tokens,
-                              byte_lengths, device, autocast, should_stop=stopping if interruptible else None)
+                              byte_lengths, device, autocast, should_stop=stopping if interruptible else None,
+                              info=scored)
             if result is None:
                 return False
             if max_tokens is None:
                 budget.measured("eval_s", time.perf_counter() - t0)
             val_loss, val_bpb = result
             evaluated_at = step
-            record = {"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb}
+            record = {"step": step, "tokens": tokens, "elapsed": elapsed(), "val_loss": val_loss, "val_bpb": val_bpb,
+                      **scored}  # what was scored: val_sample, val_targets, val_docs, val_docs_total, val_bytes
             if max_tokens is not None:
                 record["eval_tokens"] = max_tokens  # a final evaluation shrunk to fit --max-time
             metrics.log(record)
@@ -380,7 +431,8 @@ def _run_training(cfg: TrainConfig, drun) -> TrainResult:
             else:
                 last_loss = drun.backward(train_data, step, autocast)
                 _check_finite(last_loss, step, run_dir)
-            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            # grad_clip 0 = no clipping: an infinite threshold still measures the norm for the log
+            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -474,11 +526,20 @@ def _grad_norm(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def _report(line: str) -> None:
+    print(f"megalodon-lm: {line}", file=sys.stderr, flush=True)
+
+
+def _last_good(run_dir: Path) -> str:
+    """The newest checkpoint that verifies (manifest, finite weights): what a resume would continue from."""
+    good = newest_verified_checkpoint(run_dir)
+    return str(good) if good is not None else "none saved yet"
+
+
 def _check_finite(loss: float, step: int, run_dir: Path) -> None:
     if not math.isfinite(loss):
-        last = latest_checkpoint(run_dir)
         raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; stopping. The last good checkpoint is "
-                            f"kept: {last if last else 'none saved yet'}")
+                            f"kept: {_last_good(run_dir)}")
 
 
 def _optimizer_step(step_fn, data, cfg: TrainConfig, step: int, device: torch.device, autocast, run_dir: Path) -> float:
@@ -498,9 +559,8 @@ def _optimizer_step(step_fn, data, cfg: TrainConfig, step: int, device: torch.de
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100,
                                reduction="sum") / n_scored
         if not torch.isfinite(loss.detach()):
-            last = latest_checkpoint(run_dir)
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step + 1}; stopping. The last "
-                                f"good checkpoint is kept: {last if last else 'none saved yet'}")
+                                f"good checkpoint is kept: {_last_good(run_dir)}")
         loss.backward()
         total += float(loss.detach())
     return total

@@ -120,7 +120,9 @@ def cema_chunked(
     w_rows = torch.stack([w_out.real, -w_out.imag], dim=2).flatten(1, 2)  # (D, 2N, T) interleaved
     y = torch.baddbmm(torch.bmm(xb, toeplitz_t), _interleave(h_in).reshape(D, B * nb, 2 * N), w_rows)
     y = y.view(D, B, nb * T).permute(1, 2, 0)[:, :L]
-    y = (y + coef.omega * xf).to(x.dtype)
+    # x-shaped operand first: the sum takes its contiguous (B, L, D) layout rather than y's permuted one, like
+    # chunk_fn's output (a later dropout draws its mask in memory order, so layouts must agree).
+    y = (coef.omega * xf + y).to(x.dtype)
 
     if not need_state:
         return y, None
@@ -150,8 +152,10 @@ def _final_state(
     xs = xf.gather(1, pos.clamp(max=L - 1).unsqueeze(-1).expand(B, T, D))  # (B, T, D)
     expo = i.unsqueeze(1) - j  # (B, T): i - j, negative beyond the last token
     keep = (expo >= 0).to(xf.dtype)
-    # p q^(i-j) for every row: (B, D, N, T), tiny (T tokens).
-    w = coef.p.unsqueeze(-1) * torch.exp(coef.log_q.unsqueeze(0).unsqueeze(-1) * expo.clamp(min=0).view(B, 1, 1, T))
+    # p q^(i-j) for every row: (B, D, N, T), tiny (T tokens). The powers q^0 .. q^(T-1) are computed once and
+    # gathered per row (the same values as exponentiating per row, B times fewer complex exps).
+    powers = coef.powers(j)  # (D, N, T)
+    w = coef.p.unsqueeze(-1) * powers[:, :, expo.clamp(min=0)].permute(2, 0, 1, 3)
     w = w * keep.view(B, 1, 1, T)
     h = torch.einsum("bdnt,btd->bdn", w, xs.to(cdt))
     h = h + torch.exp(coef.log_q.unsqueeze(0) * (i + 1).view(B, 1, 1).to(xf.dtype)) * h_blk
