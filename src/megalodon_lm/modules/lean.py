@@ -21,6 +21,7 @@ same expressions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 
@@ -63,14 +64,14 @@ class _RngSnapshot:
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.device = device
 
+    @contextlib.contextmanager
     def replay(self):
-        devices = [self.device] if self.cuda is not None else []
-        ctx = torch.random.fork_rng(devices=devices)
-        ctx.__enter__()
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-        return ctx
+        """Run the block from the saved states; the caller's generators are left as they were."""
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
 
 
 class _PrologueLinear(torch.autograd.Function):
@@ -91,13 +92,8 @@ class _PrologueLinear(torch.autograd.Function):
         weight, *inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad[3:]
         leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs, strict=True)]
-        rng = None if ctx.rng is None else ctx.rng.replay()
-        try:
-            with torch.enable_grad():
-                e = ctx.fn(*leaves)
-        finally:
-            if rng is not None:
-                rng.__exit__(None, None, None)
+        with contextlib.nullcontext() if ctx.rng is None else ctx.rng.replay(), torch.enable_grad():
+            e = ctx.fn(*leaves)
         grad_weight = None
         if ctx.needs_input_grad[2]:
             grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(e.detach().reshape(-1, e.shape[-1]))

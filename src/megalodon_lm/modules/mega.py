@@ -69,11 +69,12 @@ class MovingAverageGatedAttention(nn.Module):
     ) -> tuple[torch.Tensor, MegaLayerState | None]:
         """x: (B, L, D) -> (x + h, new state if info.need_state).
 
-        With gradients recorded (and MEGALODON_TRAIN_PATH=lean, the default), the three regions below
-        store only their inputs (modules/lean.py): same numbers, about a third of the saved bytes."""
+        With gradients recorded (and MEGALODON_TRAIN_PATH=lean, the default) each region stores only its
+        inputs (modules/lean.py): same numbers, 2.3-2.6x fewer saved bytes (docs/performance.md)."""
         lean = lean_active()
         drop = self.training
         run = recompute if lean else (lambda fn, *args: fn(*args))
+
         def timenorm(t: torch.Tensor):
             return self.timenorm(t, None if state is None else state.norm, info.valid, info.cu_seqlens)
 
