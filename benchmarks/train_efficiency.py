@@ -10,6 +10,8 @@ Columns:
 * tokens/s: median of --repeats timed steps after --warmup untimed ones, for each --threads setting;
 * saved KB/token/layer: bytes autograd keeps for the backward during one forward, counted with a
   saved-tensor hook, distinct storages only, parameters excluded (no clock: repeatable on a busy machine);
+* MFLOP/token: matrix-product work of one step (no clock): Llama's over Megalodon's is the tokens/s ratio
+  the two would have at the same FLOP rate, the bound a tok/s target must be read against;
 * peak memory: peak-RSS growth of one step in a fresh process (includes gradients and allocator slack).
 Then the head-to-head shape (`mini`, batch 8 x 512) and Megalodon's cost per token at 16K / 1K with and
 without `tune_cpu_allocator()` (the untuned run is a fresh process: the tuning cannot be undone). The
@@ -103,6 +105,23 @@ def saved_bytes(kind: str, model: Any, ids: torch.Tensor) -> int:
             out = model(ids, targets=ids)
     total = sum(seen.values())
     del out
+    return total
+
+
+def train_flops(kind: str, model: Any, ids: torch.Tensor) -> float:
+    """Matrix-product FLOPs of one forward + backward (torch's FlopCounterMode: mm, bmm, addmm, ...).
+
+    The counter does not see Llama's CPU flash-attention kernel, so its attention is added analytically:
+    per layer and token, 7 products of width d over the mean causal context (L + 1) / 2 (forward q k^T and
+    P V; backward q k^T again, dV, dP, dQ, dK), 2 FLOPs each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step_fn(kind, model, ids)()
+    total = float(counter.get_total_flops())
+    if kind == "llama":
+        cfg, L = model.config, ids.shape[1]
+        total += cfg.num_hidden_layers * ids.numel() * 7 * 2 * cfg.hidden_size * (L + 1) / 2
     return total
 
 
@@ -200,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rec: dict[str, Any] = {"length": L}
         for k, m in models.items():
             rec[f"saved_{k}"] = saved_bytes(k, m, ids) / L / n_layers
+        for k in ("lean", "llama"):
+            rec[f"mflop_{k}"] = train_flops(k, models[k], ids) / L / 1e6
         for n in threads:
             set_threads(n)
             t = time_alternating({k: step_fn(k, m, ids) for k, m in models.items()}, args.warmup, args.repeats)
@@ -258,12 +279,16 @@ def report(res: dict[str, Any], threads: list[int]) -> None:
             row += [fmt(ratio(r[f"tok_s_lean_t{n}"], r[f"tok_s_llama_t{n}"]), ".2f")]
         row += [fmt(r[f"saved_{k}"] / 1000, ".1f") for k in KINDS]
         row += [fmt(ratio(r["saved_lean"], r["saved_llama"]), ".2f")]
+        row += [fmt(r["mflop_lean"], ".1f"), fmt(r["mflop_llama"], ".1f"),
+                fmt(ratio(r["mflop_llama"], r["mflop_lean"]), ".2f")]
         rows.append(row)
     heads = ["L"]
     for n in threads:
         heads += [f"lean tok/s ({n}t)", f"autograd ({n}t)", f"Llama ({n}t)", f"lean/Llama ({n}t)"]
-    heads += ["saved KB lean", "saved KB autograd", "saved KB Llama", "saved lean/Llama"]
-    print_table(heads, rows, "training step (fwd+bwd, batch 1, fp32); saved = KB per token per layer")
+    heads += ["saved KB lean", "saved KB autograd", "saved KB Llama", "saved lean/Llama",
+              "MFLOP/tok lean", "MFLOP/tok Llama", "Llama/lean FLOPs"]
+    print_table(heads, rows, "training step (fwd+bwd, batch 1, fp32); saved = KB per token per layer; MFLOP = "
+                "matrix products per token (Llama/lean FLOPs = the tok/s ratio at equal FLOP rates)")
     if res["memory"]:
         rows = [[fmt_len(r["length"])] + [fmt_bytes(r[k]) for k in KINDS] + [fmt(ratio(r["lean"], r["llama"]), ".2f"),
                 fmt(ratio(r["autograd"], r["llama"]), ".2f")] for r in res["memory"]]

@@ -140,7 +140,8 @@ def test_export_import_byte_run(tmp_path):
     hf.export_hf(tmp_path / "run", tmp_path / "hf")
     loaded = hf.MegalodonForCausalLM.from_pretrained(tmp_path / "hf")
     assert loaded.config.eos_token_id == 256
-    torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, rtol=0, atol=0)
+    with torch.no_grad():  # bitwise on one path (with gradients the lean attention rounds differently, ~1e-7)
+        torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, rtol=0, atol=0)
     assert load_tokenizer(tmp_path / "hf").kind == "byte"
     hf.import_hf(tmp_path / "hf", tmp_path / "run2")
     model2, tok2 = load_run(tmp_path / "run2")

@@ -64,7 +64,8 @@ def test_attn_implementation_is_accepted_and_changes_nothing(byte_export, impl):
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=impl)
     assert model.config._attn_implementation == impl
     ids = random_ids(n=7)
-    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+    with torch.no_grad():  # bitwise on one path (with gradients the lean attention rounds differently, ~1e-7)
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
 
 
 def test_unbounded_max_length_and_lora_targets():

@@ -50,6 +50,29 @@ def test_lengths_float64(monkeypatch, length):
     _compare(model, monkeypatch, random_ids(2, length, seed=length), F64_TOL)
 
 
+@pytest.mark.parametrize("length", [255, 257])
+def test_attention_query_blocks_float64(monkeypatch, length):
+    """Chunk 256: the lean attention's two causal query blocks (ops/attention/chunk_fn.py) inside the model."""
+    model = nano_model(chunk_size=256).double().train()
+    _compare(model, monkeypatch, random_ids(1, length, seed=length), F64_TOL)
+
+
+def test_lean_attention_is_taken_only_in_training(monkeypatch):
+    from megalodon_lm.modules import mega
+
+    calls = []
+    real = mega.lean_chunk_attention
+    monkeypatch.setattr(mega, "lean_chunk_attention", lambda *args: calls.append(1) or real(*args))
+    model = nano_model().double().train()
+    model(random_ids(2, 37), targets=random_ids(2, 37)).loss.backward()
+    assert len(calls) == model.config.num_layers
+    calls.clear()
+    with torch.no_grad():  # inference keeps the SDPA path
+        model(random_ids(2, 37))
+    model(random_ids(2, 37), return_state=True).logits.sum().backward()  # a state to return: SDPA path
+    assert not calls
+
+
 def test_float32_swiglu_rescaled(monkeypatch):
     model = nano_model(swiglu=True, rescale_nffn=True).train()
     _compare(model, monkeypatch, random_ids(2, 2 * CHUNK + 3), F32_TOL)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import chunk_attention
+from ..ops.attention.chunk_fn import lean_chunk_attention
 from ..ops.fused import qk_prep, silu, silu_gate
 from .cema import ComplexEMA
 from .lean import lean_active, prologue_linear, recompute, with_dropout
@@ -87,7 +88,11 @@ class MovingAverageGatedAttention(nn.Module):
         else:
             mx, cema_h = run(lambda t: self._cema_rmsnorm(t, state, info), xn)
         z_raw, v_raw, r_raw = self.wz(mx), self.wv(xn), self.wr(mx)
-        out, cache_k, cache_v = run(lambda z, v: self._attention(z, v, state, info, freqs), z_raw, v_raw)
+        if lean and self._plain_chunks(x, state, info):
+            # Own backward (ops/attention/chunk_fn.py): stores z_raw, v_raw and one lse per row and head.
+            out, cache_k, cache_v = self._lean_attention(z_raw, v_raw, freqs), None, None
+        else:
+            out, cache_k, cache_v = run(lambda z, v: self._attention(z, v, state, info, freqs), z_raw, v_raw)
         p = self.hidden_dropout if drop else 0.0
         gate = silu_gate if p == 0.0 else with_dropout(silu_gate, p)
         # A wrapped projection (PEFT LoRA, quantisation) must run as a module: it is more than its .weight.
@@ -117,6 +122,26 @@ class MovingAverageGatedAttention(nn.Module):
         """xn (B, L, D) -> (dropout(RMSNorm(CEMA(xn))) (B, L, D), final CEMA state or None)."""
         c, cema_h = self._cema(xn, state, info)
         return self._rmsnorm_dropout(c), cema_h
+
+    def _plain_chunks(self, x: torch.Tensor, state: MegaLayerState | None, info: StreamInfo) -> bool:
+        """True when attention is over whole chunks from position 0 with nothing else to handle (the usual
+        training step on CPU): no cache, offsets, padding, packed documents, attention dropout or state to
+        return. On CUDA SDPA's fused kernels win; under autocast the plain expressions keep its casts."""
+        return (x.device.type == "cpu" and state is None and info.offsets is None and info.valid is None
+                and info.cu_seqlens is None and not info.need_state
+                and not (self.training and self.attention_dropout > 0.0) and not torch.is_autocast_enabled("cpu"))
+
+    def _lean_attention(self, z_raw: torch.Tensor, v_raw: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """wz(mx) (B, L, Z), wv(xn) (B, L, E) -> attention output (B, L, H, dv), as `_attention` computes it."""
+        B, L, _ = z_raw.shape
+        H, dz, dv, C = self.num_heads, self.head_dim, self.value_head_dim, self.chunk_size
+        positions = torch.arange(L, device=z_raw.device) % C
+
+        def prep(z: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor):
+            q, k = qk_prep(z.view(B, L, H, dz), gamma, beta, self.eps, freqs, positions)
+            return q, k, silu(v).view(B, L, H, dv)
+
+        return lean_chunk_attention(prep, C, z_raw, v_raw, self.gamma, self.beta)
 
     def _attention(
         self, z_raw: torch.Tensor, v_raw: torch.Tensor, state: MegaLayerState | None, info: StreamInfo,
