@@ -192,4 +192,59 @@ def plots(res: dict[str, Any], out_dir: str | Path) -> list[str]:
     fig.savefig(out / "bpb_vs_context.png")
     plt.close(fig)
     written.append("bpb_vs_context.png")
+    if probe_plot(res, out, plt):
+        written.append("probes_vs_distance.png")
     return written
+
+
+def probe_plot(res: dict[str, Any], out: Path, plt: Any) -> bool:
+    """probes_vs_distance.png: passkey and MQAR accuracy against the key's distance, both models, with
+    Megalodon's attention chunk marked; False when neither probe has a by-distance result."""
+    pk, mq = res.get("passkey") or {}, res.get("mqar") or {}
+    panels = []
+    if pk.get("megalodon_by_distance"):
+        panels.append(("passkey", pk["chunk"], {a: [(r["distance"], r["accuracy"]) for r in pk[a + "_by_distance"]]
+                                                for a in ARCH_LABEL if a + "_by_distance" in pk}))
+    if mq.get("megalodon", {}).get("by_distance"):
+        panels.append(("MQAR", mq["chunk"], {a: [((b["min"] + b["max"] - 1) / 2, b["accuracy"])
+                                                 for b in mq[a]["by_distance"] if b.get("accuracy") is not None]
+                                             for a in ARCH_LABEL if a in mq}))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (name, chunk, series) in zip(axes[0], panels, strict=True):
+        for a, pts in series.items():
+            ax.plot([d for d, _ in pts], [acc for _, acc in pts], "o-" if a == "megalodon" else "s-",
+                    label=ARCH_LABEL[a])
+        ax.axvline(chunk, linestyle=":", color="gray", label=f"Megalodon's chunk ({chunk})")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("distance from key to question (tokens)" if name == "passkey"
+                      else "distance from query to its key (tokens, bin centre)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "probes_vs_distance.png")
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rebuild results.md and the plots from a results.json: `python benchmarks/_h2h_report.py OUT`."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not (Path(args[0]) / "results.json").is_file():
+        print("usage: python benchmarks/_h2h_report.py OUT (a head_to_head.py output folder with results.json)",
+              file=sys.stderr)
+        return 2
+    out = Path(args[0])
+    res = json.loads((out / "results.json").read_text())
+    (out / "results.md").write_text(markdown(res))
+    print(", ".join([str(out / "results.md"), *plots(res, out)]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -129,3 +129,23 @@ def test_smoke_setting_end_to_end(tmp_path):
     for arch in ("megalodon", "llama"):
         assert [p["val_bpb"] for p in res2["curves"][arch]] == [p["val_bpb"] for p in res["curves"][arch]]
         assert res2["final_bpb"][arch] == res["final_bpb"][arch]
+
+
+def test_probe_plot_and_report_rebuild(tmp_path):
+    """probes_vs_distance.png from by-distance probe results; `_h2h_report.py OUT` rebuilds from results.json."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from _h2h_report import main as report_main
+    from _h2h_report import probe_plot
+
+    pk = {"chunk": 256, **{f"{a}_by_distance": [{"distance": d, "accuracy": acc} for d, acc in ((64, 1.0), (512, 0.1))]
+                           for a in ("megalodon", "llama")}}
+    mq = {"chunk": 64, **{a: {"by_distance": [{"min": 0, "max": 32, "n": 5, "accuracy": 0.9}]} for a in ("megalodon",
+                                                                                                     "llama")}}
+    assert probe_plot({"passkey": pk, "mqar": mq}, tmp_path, plt)
+    assert (tmp_path / "probes_vs_distance.png").stat().st_size > 0
+    assert not probe_plot({}, tmp_path, plt)
+    assert report_main([str(tmp_path / "missing")]) == 2
