@@ -22,7 +22,7 @@ import torch
 
 from .._dtypes import compute_dtype
 
-MIN_BLOCK = 128  # rows per query block: 64-row blocks were slower per step on CPU (tiny, 1K-2K tokens)
+MIN_BLOCK = 128  # rows per query block: 64-row blocks made the region slower on CPU (tiny, 1K and 2K tokens)
 
 
 def query_blocks(width: int) -> list[tuple[int, int]]:
