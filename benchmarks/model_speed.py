@@ -30,6 +30,7 @@ import torch
 from _common import (
     RESULTS_DIR,
     current_rss_bytes,
+    fill_defaults,
     fmt,
     fmt_bytes,
     fmt_len,
@@ -446,10 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=argparse.SUPPRESS)
     p.add_argument("--_length", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for k, v in (QUICK if args.quick else FULL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return fill_defaults(args, QUICK if args.quick else FULL)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

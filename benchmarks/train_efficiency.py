@@ -32,6 +32,7 @@ import torch
 from _common import (
     RESULTS_DIR,
     current_rss_bytes,
+    fill_defaults,
     fmt,
     fmt_bytes,
     fmt_len,
@@ -190,10 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--_probe", default=None, choices=[*KINDS, "cost"], help=argparse.SUPPRESS)
     p.add_argument("--_length", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for k, v in (QUICK if args.quick else FULL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return fill_defaults(args, QUICK if args.quick else FULL)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
