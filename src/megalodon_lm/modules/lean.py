@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..ops._replay import input_grads, replay_leaves
+
 TRAIN_PATHS = ("lean", "autograd")
 
 
@@ -91,19 +93,15 @@ class _PrologueLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, *inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad[3:]
-        leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs, strict=True)]
+        leaves = replay_leaves(inputs, needs)
         with contextlib.nullcontext() if ctx.rng is None else ctx.rng.replay(), torch.enable_grad():
             e = ctx.fn(*leaves)
         grad_weight = None
         if ctx.needs_input_grad[2]:
             grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(e.detach().reshape(-1, e.shape[-1]))
         grads: list[torch.Tensor | None] = [None] * len(leaves)
-        wanted = [i for i, n in enumerate(needs) if n]
-        if wanted:
-            grad_e = grad_out.matmul(weight.to(grad_out.dtype))
-            got = torch.autograd.grad(e, [leaves[i] for i in wanted], grad_e, allow_unused=True)
-            for i, g in zip(wanted, got, strict=True):
-                grads[i] = g if g is not None else torch.zeros_like(leaves[i])
+        if any(needs):
+            grads = input_grads((e,), leaves, needs, (grad_out.matmul(weight.to(grad_out.dtype)),))
         return (None, None, grad_weight, *grads)
 
 

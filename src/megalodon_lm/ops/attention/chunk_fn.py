@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .._dtypes import compute_dtype
+from .._replay import input_grads, replay_leaves
 
 MIN_BLOCK = 128  # rows per query block: 64-row blocks made the region slower on CPU (tiny, 1K and 2K tokens)
 
@@ -109,7 +110,7 @@ class _PreparedChunkAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         lse, *inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
-        leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs, strict=True)]
+        leaves = replay_leaves(inputs, needs)
         with torch.enable_grad():
             q, k, v = ctx.prep(*leaves)
         B, L = q.shape[:2]
@@ -117,13 +118,7 @@ class _PreparedChunkAttention(torch.autograd.Function):
         grads_qkv = attention_backward(_fold(q.detach(), W, dt), _fold(k.detach(), W, dt), _fold(v.detach(), W, dt),
                                        lse, _fold(grad_out, W, dt))
         grads_qkv = [_unfold(g, B, L, t.dtype) for g, t in zip(grads_qkv, (q, k, v), strict=True)]
-        wanted = [i for i, n in enumerate(needs) if n]
-        grads: list[torch.Tensor | None] = [None] * len(leaves)
-        if wanted:
-            got = torch.autograd.grad((q, k, v), [leaves[i] for i in wanted], grads_qkv, allow_unused=True)
-            for i, g in zip(wanted, got, strict=True):
-                grads[i] = g if g is not None else torch.zeros_like(leaves[i])
-        return (None, None, *grads)
+        return (None, None, *input_grads((q, k, v), leaves, needs, grads_qkv))
 
 
 def lean_chunk_attention(prep: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], chunk_size: int,
