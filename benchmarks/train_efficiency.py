@@ -12,7 +12,11 @@ Columns:
   saved-tensor hook, distinct storages only, parameters excluded (no clock: repeatable on a busy machine);
 * MFLOP/token: matrix-product work of one step (no clock): Llama's over Megalodon's is the tokens/s ratio
   the two would have at the same FLOP rate, the bound a tok/s target must be read against;
-* peak memory: peak-RSS growth of one step in a fresh process (includes gradients and allocator slack).
+* peak memory: peak-RSS growth of one step in a fresh process (includes gradients and allocator slack),
+  and the peak of live tensor bytes in the same step (profiler memory events: allocations minus frees in
+  time order, no allocator slack, no clock) -- where the two disagree, the allocator holds the difference;
+* with --compiled, a fourth column times `torch.compile(model)` (Inductor, whole model; its first step at
+  each length compiles, untimed).
 Then the head-to-head shape (`mini`, batch 8 x 512) and Megalodon's cost per token at 16K / 1K with and
 without `tune_cpu_allocator()` (the untuned run is a fresh process: the tuning cannot be undone). The
 closing table checks the issue-11 targets: PASS / FAIL with the measured value.
@@ -53,6 +57,7 @@ from model_speed import build_llama, build_megalodon, llama_config
 from megalodon_lm.runtime import tune_cpu_allocator
 
 KINDS = ("lean", "autograd", "llama")  # Megalodon lean path, Megalodon plain autograd, Llama
+COMPILED = "compiled"  # --compiled: torch.compile of the Megalodon model (timed only)
 FULL = dict(lengths="512,1K,2K,8K", memory_lengths="512,2K,8K,16K", threads="2,1", repeats=3,
             h2h_repeats=3, cost_lengths="1K,16K")
 QUICK = dict(lengths="256,512", memory_lengths="512", threads="2", repeats=2, h2h_repeats=1,
@@ -82,9 +87,25 @@ def step_fn(kind: str, model: Any, ids: torch.Tensor):
         if kind == "llama":
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         else:
-            os.environ["MEGALODON_TRAIN_PATH"] = kind
+            os.environ["MEGALODON_TRAIN_PATH"] = "lean" if kind == COMPILED else kind
             model(ids, targets=ids).loss.backward()
     return step
+
+
+def live_peak_bytes(step) -> int:
+    """Peak growth of live tensor bytes during `step()` (torch profiler memory events).
+
+    Each event's own allocations minus frees, in start-time order; the running maximum is the peak. Tensors
+    alive before the step (parameters) are not counted; gradients allocated in the step are."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
 
 
 def saved_bytes(kind: str, model: Any, ids: torch.Tensor) -> int:
@@ -151,14 +172,18 @@ def memory_probe(args: argparse.Namespace) -> None:
     kind, L = args._probe, args._length
     model = llama if kind == "llama" else mega
     ids = random_ids(1, L, args.seed + 1)
-    step_fn(kind, model, ids[:, :16])()  # one-time lazy initialisation outside the peak
+    # One untimed step at the full length first: a training loop's steady state, not the one-time lazy set-up
+    # (thread-pool and matmul workspaces sized by the shape). A 16-token warm-up left those in the peak and
+    # made 512 tokens read 0.97-1.01x Llama's in repeats while the live tensors were 0.81x.
+    step_fn(kind, model, ids)()
     model.zero_grad(set_to_none=True)
     gc.collect()
     reset = trim_and_reset_peak_rss()
     before = current_rss_bytes() if reset else max_rss_bytes()
     step = step_fn(kind, model, ids)
     step()
-    print(json.dumps({"growth_bytes": max_rss_bytes() - before, "peak_reset": reset}))
+    growth = max_rss_bytes() - before
+    print(json.dumps({"growth_bytes": growth, "peak_reset": reset, "live_bytes": live_peak_bytes(step)}))
 
 
 def cost_probe(args: argparse.Namespace) -> None:
@@ -184,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--h2h-repeats", type=int, default=None, help="timed head-to-head-shape steps (default 3)")
     p.add_argument("--cost-lengths", default=None, help="Megalodon cost-per-token lengths (default 1K,16K)")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory probes")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time torch.compile(model) (Inductor needs a C++ compiler; ~80 s to compile per length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--out", default=str(RESULTS_DIR / "train_efficiency.json"))
@@ -206,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = [int(t) for t in args.threads.split(",")]
     mega, llama = build(args.preset, args.seed)
     models = {"lean": mega, "autograd": mega, "llama": llama}
+    if args.compiled:
+        models[COMPILED] = torch.compile(mega)
     n_layers = mega.config.num_layers
     print(f"Megalodon {args.preset}: {mega.num_parameters():,} params; Llama: "
           f"{sum(p.numel() for p in llama.parameters()):,} params; allocator tuned: {tuned}", flush=True)
@@ -215,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for L in parse_lengths(args.lengths):
         ids = random_ids(1, L, args.seed + 1)
         rec: dict[str, Any] = {"length": L}
-        for k, m in models.items():
-            rec[f"saved_{k}"] = saved_bytes(k, m, ids) / L / n_layers
+        for k in KINDS:
+            rec[f"saved_{k}"] = saved_bytes(k, models[k], ids) / L / n_layers
         for k in ("lean", "llama"):
             rec[f"mflop_{k}"] = train_flops(k, models[k], ids) / L / 1e6
         for n in threads:
@@ -257,10 +286,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for L in parse_lengths(args.memory_lengths):
             rec = {"length": L}
             for k in KINDS:
-                got = run_probe(Path(__file__), ["--_probe", k, "--_length", str(L), *common])
-                rec[k] = (got or {}).get("growth_bytes")
+                got = run_probe(Path(__file__), ["--_probe", k, "--_length", str(L), *common]) or {}
+                rec[k], rec[f"live_{k}"] = got.get("growth_bytes"), got.get("live_bytes")
             res["memory"].append(rec)
-            print(f"  peak memory L={fmt_len(L)}: " + ", ".join(f"{k}={fmt_bytes(rec[k])}" for k in KINDS), flush=True)
+            print(f"  peak memory L={fmt_len(L)}: " + ", ".join(f"{k}={fmt_bytes(rec[k])} (live tensors "
+                                                               f"{fmt_bytes(rec[f'live_{k}'])})" for k in KINDS),
+                  flush=True)
 
     report(res, threads)
     res["targets"] = check_targets(res, threads[0], cost_lengths)
@@ -269,12 +300,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def report(res: dict[str, Any], threads: list[int]) -> None:
+    compiled = any(f"tok_s_{COMPILED}_t{threads[0]}" in r for r in res["train"])
     rows = []
     for r in res["train"]:
         row = [fmt_len(r["length"])]
         for n in threads:
             row += [fmt(r[f"tok_s_{k}_t{n}"], ".0f") for k in KINDS]
             row += [fmt(ratio(r[f"tok_s_lean_t{n}"], r[f"tok_s_llama_t{n}"]), ".2f")]
+            if compiled:
+                row += [fmt(r[f"tok_s_{COMPILED}_t{n}"], ".0f"),
+                        fmt(ratio(r[f"tok_s_{COMPILED}_t{n}"], r[f"tok_s_lean_t{n}"]), ".2f")]
         row += [fmt(r[f"saved_{k}"] / 1000, ".1f") for k in KINDS]
         row += [fmt(ratio(r["saved_lean"], r["saved_llama"]), ".2f")]
         row += [fmt(r["mflop_lean"], ".1f"), fmt(r["mflop_llama"], ".1f"),
@@ -283,15 +318,19 @@ def report(res: dict[str, Any], threads: list[int]) -> None:
     heads = ["L"]
     for n in threads:
         heads += [f"lean tok/s ({n}t)", f"autograd ({n}t)", f"Llama ({n}t)", f"lean/Llama ({n}t)"]
+        if compiled:
+            heads += [f"compiled ({n}t)", f"compiled/lean ({n}t)"]
     heads += ["saved KB lean", "saved KB autograd", "saved KB Llama", "saved lean/Llama",
               "MFLOP/tok lean", "MFLOP/tok Llama", "Llama/lean FLOPs"]
     print_table(heads, rows, "training step (fwd+bwd, batch 1, fp32); saved = KB per token per layer; MFLOP = "
                 "matrix products per token (Llama/lean FLOPs = the tok/s ratio at equal FLOP rates)")
     if res["memory"]:
         rows = [[fmt_len(r["length"])] + [fmt_bytes(r[k]) for k in KINDS] + [fmt(ratio(r["lean"], r["llama"]), ".2f"),
-                fmt(ratio(r["autograd"], r["llama"]), ".2f")] for r in res["memory"]]
-        print_table(["L", "lean", "autograd", "Llama", "lean/Llama", "autograd/Llama"], rows,
-                    "peak-RSS growth of one training step in a fresh process")
+                fmt(ratio(r["autograd"], r["llama"]), ".2f")] + [fmt_bytes(r.get(f"live_{k}")) for k in KINDS]
+                + [fmt(ratio(r.get("live_lean"), r.get("live_llama")), ".2f")] for r in res["memory"]]
+        print_table(["L", "lean", "autograd", "Llama", "lean/Llama", "autograd/Llama", "live: lean", "live: autograd",
+                     "live: Llama", "live lean/Llama"], rows,
+                    "peak-RSS growth of one training step in a fresh process; live = peak of live tensor bytes")
 
 
 def check_targets(res: dict[str, Any], n: int, cost_lengths: list[int]) -> list[dict[str, Any]]:
