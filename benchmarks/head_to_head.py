@@ -13,6 +13,8 @@ Stages (a progress line each), every one fixed in steps/tokens and seeded, so to
     the whole prefix; Llama with full attention over C and with a sliding window at its training length.
  5. passkey (§4.1, trained variant): fine-tune copies of both models, key in an earlier chunk than the question.
  6. MQAR (§4.2): small models of both archs trained from scratch, queries beyond the attention chunk.
+`--only mqar --resume` reruns stage 6 alone into an existing OUT (its models are trained from scratch there, so
+nothing else is needed) and rewrites results.json/.md: for sizing the probe without repeating an hour of training.
 Writes OUT/results.json, OUT/results.md and PNG plots. Data: `--books DIR`, the 26 novels of benchmarks/books.tsv
 (`python benchmarks/fetch_books.py` downloads them into data/books, the default) or any folder of .txt files
 (split as benchmarks/_books.py says).
@@ -61,8 +63,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         mqar=dict(model=SMOKE_MODEL, seq_len=64, num_pairs=4, query_start=32, steps=5, batch=8, lr=3e-3,
                   n_eval=32)),
     "cpu": dict(
-        # mini (4 layers, width 256, chunk 128; training length = 4 chunks) with CEMA dimension 8 as the JAX port
-        device="cpu", threads=2, dtype="fp32", preset="mini", model=dict(cema_ndim=8), train_books=20, seq_len=512,
+        # the default preset 3M (the JAX port's shape: 4 layers, width 256, 1 head, SwiGLU, CEMA dimension 16,
+        # chunk 128; training length = 4 chunks), chosen by the preset comparison in docs/results.md (issue 16)
+        device="cpu", threads=2, dtype="fp32", preset="3M", model={}, train_books=20, seq_len=512,
         batch_size=8, steps=720, warmup=60, eval_every=120, lr_grid=[2e-3, 4e-3], lr_check_steps=30,
         curve_bytes=8192, final_bytes=65536, ctx_doc_bytes=65536, ctx_score_tokens=2048,
         contexts=[128, 256, 512, 1024, 2048, 4096, 8192],
@@ -365,6 +368,38 @@ def parse_overrides(items: list[str], base: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def rerun_mqar(args: argparse.Namespace) -> int:
+    """--only mqar: stage 6 alone, with the setting and --set overrides, merged into OUT/results.json."""
+    out = args.out or Path("runs") / f"h2h-{args.setting}"
+    done = out / "results.json"
+    if not args.resume or not done.is_file():
+        print(f"head_to_head: --only needs --resume and a finished run in {out} (no {done.name})", file=sys.stderr)
+        return 2
+    try:
+        res = json.loads(done.read_text())
+        overrides = parse_overrides(args.set, SETTINGS[args.setting])
+    except (ValueError, OSError) as err:
+        print(f"head_to_head: {err}", file=sys.stderr)
+        return 2
+    if res.get("setting") != args.setting:
+        print(f"head_to_head: {done} is from setting {res.get('setting')!r}, not {args.setting!r}", file=sys.stderr)
+        return 2
+    cfg = {**SETTINGS[args.setting], **overrides}
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    t_start = time.perf_counter()
+    from megalodon_lm.data.tokenizer import ByteTokenizer
+
+    res["mqar"] = mqar_stage(cfg, ByteTokenizer().vocab_size, torch.device(cfg["device"]),
+                             lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True))
+    res["config"]["mqar"] = cfg["mqar"]
+    res["overrides"] = {**res.get("overrides", {}), **overrides}
+    done.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(markdown(res))
+    plots(res, out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
@@ -378,10 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override a field of the setting, e.g. --set steps=120 --set 'contexts=[256,4096]' "
                         "(recorded in results.json)")
+    p.add_argument("--only", choices=["mqar"], default=None,
+                   help="with --resume: rerun only this stage into OUT's results.json (MQAR trains its own models)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
         return _worker(args._worker)
+    if args.only:
+        return rerun_mqar(args)
     try:
         if args.books is None:
             raise FileNotFoundError(NO_BOOKS)

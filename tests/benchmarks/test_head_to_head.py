@@ -129,6 +129,22 @@ def test_smoke_setting_end_to_end(tmp_path):
     for arch in ("megalodon", "llama"):
         assert [p["val_bpb"] for p in res2["curves"][arch]] == [p["val_bpb"] for p in res["curves"][arch]]
         assert res2["final_bpb"][arch] == res["final_bpb"][arch]
+    # --only mqar reruns stage 6 alone with new options and keeps everything else
+    mq = {**SETTINGS["smoke"]["mqar"], "steps": 3}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "head_to_head.py"), "--setting", "smoke",
+                           "--out", str(out2), "--resume", "--only", "mqar", "--set", f"mqar={json.dumps(mq)}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res3 = json.loads((out2 / "results.json").read_text())
+    assert res3["mqar"]["steps"] == 3 and res3["config"]["mqar"]["steps"] == 3
+    assert res3["curves"] == res2["curves"] and res3["final_bpb"] == res2["final_bpb"]
+
+
+def test_only_mqar_needs_a_finished_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "head_to_head.py"), "--setting", "smoke",
+                           "--out", str(tmp_path), "--resume", "--only", "mqar"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "needs --resume and a finished run" in proc.stderr
 
 
 def test_probe_plot_and_report_rebuild(tmp_path):
