@@ -15,8 +15,8 @@ Columns:
 * peak memory: peak-RSS growth of one step in a fresh process (includes gradients and allocator slack),
   and the peak of live tensor bytes in the same step (profiler memory events: allocations minus frees in
   time order, no allocator slack, no clock) -- where the two disagree, the allocator holds the difference;
-* with --compiled, a fourth column times `torch.compile(model)` (Inductor, whole model; its first step at
-  each length compiles, untimed).
+* with --compiled, `torch.compile(model)` is timed too (Inductor, whole model; its first step at each length
+  compiles, untimed), with its ratio to the eager lean path.
 Then the head-to-head shape (`mini`, batch 8 x 512) and Megalodon's cost per token at 16K / 1K with and
 without `tune_cpu_allocator()` (the untuned run is a fresh process: the tuning cannot be undone). The
 closing table checks the issue-11 targets: PASS / FAIL with the measured value.
