@@ -109,6 +109,24 @@ def test_mqar_layout():
     assert torch.equal(x, again[0]) and torch.equal(y, again[1])
 
 
+def test_mqar_mixed_pair_counts():
+    x, y = mqar_batch(64, 64, 6, 40, seed=3, step=0, query_start=32, min_pairs=2)
+    counts = (y != -100).sum(1)
+    assert set(counts.tolist()) == {2, 3, 4, 5, 6}  # every count of 2..6 drawn among 64 rows
+    for b in range(64):
+        k = int(counts[b])
+        keys, values = x[b, 0:2 * k:2], x[b, 1:2 * k:2]
+        assert bool((keys >= 1).all()) and bool((values >= 20).all()) and bool((x[b, 2 * k:32] == 0).all())
+        pairs = dict(zip(keys.tolist(), values.tolist(), strict=True))
+        pos = (y[b] != -100).nonzero().flatten()
+        assert bool((pos >= 32).all()) and sorted(int(x[b, p]) for p in pos) == sorted(pairs)
+        assert all(pairs[int(x[b, p])] == int(y[b, p]) for p in pos)
+    same = mqar_batch(4, 64, 6, 40, seed=3, step=0, query_start=32, min_pairs=6)  # k = 6 always
+    assert bool(((same[1] != -100).sum(1) == 6).all())
+    with pytest.raises(ValueError, match="min_pairs"):
+        mqar_batch(1, 64, 6, 40, seed=0, step=0, query_start=32, min_pairs=7)
+
+
 def test_mqar_errors():
     with pytest.raises(ValueError, match="overlaps"):
         mqar_batch(1, 64, 8, 64, seed=0, step=0, query_start=10)
