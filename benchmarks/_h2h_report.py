@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-ARCH_LABEL = {"megalodon": "Megalodon", "llama": "Llama (HF, sdpa)"}
+ARCH_LABEL = {"megalodon": "Megalodon", "llama": "Llama (HF, sdpa)",
+              "megalodon_full": "Megalodon, one chunk over N (control)"}  # MQAR's optional control
 
 
 def read_curve(metrics_path: str | Path) -> list[dict[str, float]]:
@@ -130,19 +131,21 @@ def probe_tables(res: dict[str, Any], archs: list[str]) -> list[str]:
                 lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(f"{r['accuracy']:.2f}"
                                                                  for r in pk[a + "_by_distance"]) + " |")
     mq = res.get("mqar")
+    mq_models = [a for a in ARCH_LABEL if mq and a in mq]
     if mq and mq["megalodon"].get("by_distance"):
         bins = [(b["min"], b["max"]) for b in mq["megalodon"]["by_distance"]]
         lines += ["", "MQAR accuracy vs distance from the query to its key (chunk "
                   f"{mq['chunk']}):", "", "| model | " + " | ".join(f"{lo}-{hi - 1}" for lo, hi in bins) + " |",
                   "|---|" + "---|" * len(bins)]
-        for a in archs:
+        for a in mq_models:
             by = {(b["min"], b["max"]): b["accuracy"] for b in mq[a].get("by_distance", [])}
             lines.append(f"| {ARCH_LABEL[a]} | " + " | ".join(_fmt(by.get(k), ".3f") for k in bins) + " |")
     if mq:
-        lines += ["", f"MQAR (trained from scratch, {mq['steps']} steps; N = {mq['seq_len']}, {mq['num_pairs']} "
-                  f"pairs, queries from position {mq['query_start']} = beyond the {mq['chunk']}-token chunk):", "",
-                  "| model | params | accuracy |", "|---|---|---|"]
-        for a in archs:
+        mix = f", trained on rows of {mq['min_pairs']}-{mq['num_pairs']} pairs" if mq.get("min_pairs") else ""
+        lines += ["", f"MQAR (trained from scratch, {mq['steps']} steps{mix}; N = {mq['seq_len']}, "
+                  f"{mq['num_pairs']} pairs, queries from position {mq['query_start']}; Megalodon's chunk "
+                  f"{mq['chunk']}):", "", "| model | params | accuracy |", "|---|---|---|"]
+        for a in mq_models:
             lines.append(f"| {ARCH_LABEL[a]} | {mq[a]['params']:,} | {mq[a]['accuracy']:.3f} |")
     return lines
 
@@ -214,7 +217,7 @@ def probe_plot(res: dict[str, Any], out: Path, plt: Any) -> bool:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (name, chunk, series) in zip(axes[0], panels, strict=True):
         for a, pts in series.items():
-            ax.plot([d for d, _ in pts], [acc for _, acc in pts], "o-" if a == "megalodon" else "s-",
+            ax.plot([d for d, _ in pts], [acc for _, acc in pts], {"megalodon": "o-", "llama": "s-"}.get(a, "^--"),
                     label=ARCH_LABEL[a])
         ax.axvline(chunk, linestyle=":", color="gray", label=f"Megalodon's chunk ({chunk})")
         ax.set_xscale("log", base=2)

@@ -95,10 +95,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
         # probes: keys/queries at distances inside and beyond Megalodon's chunk, within Llama's training length
         passkey=dict(length=1024, test_lengths=[1024, 2048, 4096], steps=300, batch=8, trials=32, lr_scale=0.5,
                      distances=[64, 128, 256, 512, 960]),
+        # MQAR sized so that full-attention Llama solves it (docs/results.md): rows of 1..8 pairs in training,
+        # every query in a later Megalodon chunk than all pairs, and the one-chunk Megalodon as a control
         mqar=dict(model=dict(num_layers=2, model_dim=128, z_dim=64, value_dim=256, num_heads=2, ffn_hidden_dim=256,
-                             chunk_size=64, norm_num_groups=16),
-                  seq_len=256, num_pairs=8, query_start=16, steps=600, batch=32, lr=3e-3, n_eval=256,
-                  distance_edges=[0, 32, 64, 128, 256])),
+                             chunk_size=16, norm_num_groups=16),
+                  seq_len=32, num_pairs=8, min_pairs=1, query_start=16, steps=4000, batch=64, lr=1e-3, n_eval=256,
+                  distance_edges=[0, 8, 16, 24, 32], full_chunk_control=True)),
 }
 
 
@@ -232,16 +234,22 @@ def mqar_stage(cfg: dict[str, Any], vocab: int, device: torch.device, log) -> di
     mq = cfg["mqar"]
     mcfg = MegalodonConfig.from_preset("nano", **{**mq["model"], "vocab_size": vocab})
     out: dict[str, Any] = {k: mq[k] for k in ("seq_len", "num_pairs", "query_start", "steps")}
-    out["chunk"] = mcfg.chunk_size
-    for arch in ARCHS:
+    out["min_pairs"], out["chunk"] = mq.get("min_pairs"), mcfg.chunk_size
+    models = [(arch, arch, mcfg) for arch in ARCHS]
+    if mq.get("full_chunk_control"):  # the same Megalodon with one chunk over the whole sequence: its attention
+        full = MegalodonConfig.from_dict({**mcfg.to_dict(), "chunk_size": mq["seq_len"]})  # sees every key
+        models.append(("megalodon_full", "megalodon", full))
+    for name, arch, model_cfg in models:
         torch.manual_seed(0)
-        model = build_model(arch, mcfg, mq["seq_len"]).to(device)
+        model = build_model(arch, model_cfg, mq["seq_len"]).to(device)
         stats = train_probe(model, lambda s: mqar_batch(mq["batch"], mq["seq_len"], mq["num_pairs"], vocab, 0, s,
-                                                        mq["query_start"]), mq["steps"], mq["lr"], log=log)
+                                                        mq["query_start"], mq.get("min_pairs")),
+                            mq["steps"], mq["lr"], log=log)
         res = evaluate_mqar(model, mq["seq_len"], mq["num_pairs"], vocab, mq["n_eval"], seed=1,
                             query_start=mq["query_start"], distance_edges=mq.get("distance_edges"))
-        out[arch] = {**res, "params": sum(p.numel() for p in model.parameters()), "train": stats}
-        log(f"  mqar {arch}: accuracy {res['accuracy']:.3f}")
+        out[name] = {**res, "params": sum(p.numel() for p in model.parameters()), "train": stats,
+                     "chunk": model_cfg.chunk_size if arch == "megalodon" else None}
+        log(f"  mqar {name}: accuracy {res['accuracy']:.3f}")
     return out
 
 

@@ -14,7 +14,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _books import book_slug  # noqa: E402
 from _h2h_report import equal_time, interpolate, read_curve, reset_table  # noqa: E402
-from head_to_head import DEFAULT_BOOKS, SETTINGS, book_split, parse_overrides, train_options  # noqa: E402
+from head_to_head import (  # noqa: E402
+    DEFAULT_BOOKS,
+    SETTINGS,
+    book_split,
+    mqar_stage,
+    parse_overrides,
+    train_options,
+)
 
 from megalodon_lm.training.schedule import lr_multiplier  # noqa: E402
 
@@ -130,14 +137,42 @@ def test_smoke_setting_end_to_end(tmp_path):
         assert [p["val_bpb"] for p in res2["curves"][arch]] == [p["val_bpb"] for p in res["curves"][arch]]
         assert res2["final_bpb"][arch] == res["final_bpb"][arch]
     # --only mqar reruns stage 6 alone with new options and keeps everything else
-    mq = {**SETTINGS["smoke"]["mqar"], "steps": 3}
+    mq = {**SETTINGS["smoke"]["mqar"], "steps": 3, "min_pairs": 2}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "head_to_head.py"), "--setting", "smoke",
                            "--out", str(out2), "--resume", "--only", "mqar", "--set", f"mqar={json.dumps(mq)}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res3 = json.loads((out2 / "results.json").read_text())
-    assert res3["mqar"]["steps"] == 3 and res3["config"]["mqar"]["steps"] == 3
+    assert res3["mqar"]["steps"] == 3 and res3["config"]["mqar"]["steps"] == 3 and res3["mqar"]["min_pairs"] == 2
     assert res3["curves"] == res2["curves"] and res3["final_bpb"] == res2["final_bpb"]
+
+
+def test_mqar_stage_mixed_pairs_and_full_chunk_control():
+    """Stage 6 with rows of 2..4 pairs in training and the one-chunk Megalodon control (a few steps, tiny models)."""
+    import torch
+
+    mq = {**SETTINGS["smoke"]["mqar"], "steps": 2, "n_eval": 8, "min_pairs": 2, "full_chunk_control": True,
+          "distance_edges": [0, 32, 64]}
+    lines: list[str] = []
+    out = mqar_stage({**SETTINGS["smoke"], "mqar": mq}, 257, torch.device("cpu"), lines.append)
+    assert out["min_pairs"] == 2 and out["chunk"] == mq["model"]["chunk_size"]
+    assert out["megalodon"]["chunk"] == 32 and out["megalodon_full"]["chunk"] == 64 and out["llama"]["chunk"] is None
+    assert out["megalodon_full"]["params"] == out["megalodon"]["params"]  # only the chunk differs
+    for name in ("megalodon", "llama", "megalodon_full"):
+        assert 0.0 <= out[name]["accuracy"] <= 1.0 and out[name]["by_distance"]
+    assert any("mqar megalodon_full" in line for line in lines)
+
+
+def test_mqar_tables_list_the_control():
+    from _h2h_report import probe_tables
+
+    by = [{"min": 0, "max": 16, "n": 4, "accuracy": 0.5}, {"min": 16, "max": 64, "n": 4, "accuracy": 0.25}]
+    models = ("megalodon", "llama", "megalodon_full")
+    mq = {"steps": 10, "seq_len": 64, "num_pairs": 8, "query_start": 16, "chunk": 16, "min_pairs": 1,
+          **{a: {"params": 1000, "accuracy": 0.375, "by_distance": by} for a in models}}
+    text = "\n".join(probe_tables({"mqar": mq}, ["megalodon", "llama"]))
+    assert "rows of 1-8 pairs" in text and "| 0-15 | 16-63 |" in text
+    assert text.count("| Megalodon, one chunk over N (control) |") == 2
 
 
 def test_only_mqar_needs_a_finished_run(tmp_path):
@@ -161,6 +196,7 @@ def test_probe_plot_and_report_rebuild(tmp_path):
                            for a in ("megalodon", "llama")}}
     mq = {"chunk": 64, **{a: {"by_distance": [{"min": 0, "max": 32, "n": 5, "accuracy": 0.9}]} for a in ("megalodon",
                                                                                                      "llama")}}
+    mq["megalodon_full"] = {"by_distance": [{"min": 0, "max": 32, "n": 5, "accuracy": 1.0}]}
     assert probe_plot({"passkey": pk, "mqar": mq}, tmp_path, plt)
     assert (tmp_path / "probes_vs_distance.png").stat().st_size > 0
     assert not probe_plot({}, tmp_path, plt)
