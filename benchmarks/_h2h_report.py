@@ -209,9 +209,10 @@ def probe_plot(res: dict[str, Any], out: Path, plt: Any) -> bool:
         panels.append(("passkey", pk["chunk"], {a: [(r["distance"], r["accuracy"]) for r in pk[a + "_by_distance"]]
                                                 for a in ARCH_LABEL if a + "_by_distance" in pk}))
     if mq.get("megalodon", {}).get("by_distance"):
-        panels.append(("MQAR", mq["chunk"], {a: [((b["min"] + b["max"] - 1) / 2, b["accuracy"])
-                                                 for b in mq[a]["by_distance"] if b.get("accuracy") is not None]
-                                             for a in ARCH_LABEL if a in mq}))
+        beyond = mq.get("query_start", 0) >= mq["chunk"]  # then no query shares a chunk with any key
+        series = {a: [((b["min"] + b["max"] - 1) / 2, b["accuracy"]) for b in mq[a]["by_distance"]
+                      if b.get("accuracy") is not None] for a in ARCH_LABEL if a in mq}
+        panels.append(("MQAR, every query in a later chunk than the keys" if beyond else "MQAR", mq["chunk"], series))
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
