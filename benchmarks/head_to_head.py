@@ -86,7 +86,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "long": dict(
         # T = 4096 = 16 Megalodon chunks of 256 (CEMA dimension 16): context beyond the chunk is only reachable
         # through CEMA and the TimestepNorm statistics; Llama sees all of T. Measured on 2 idle cores with 240
-        # steps (docs/results.md): training 23 min (Llama 2/3 of it), evaluation 19 min, probes 45 min.
+        # steps (docs/results.md): training 23 min (Llama 2/3 of it), evaluation 19 min, probes 45 min
+        # (the sized MQAR below alone: 19 min).
         device="cpu", threads=2, dtype="fp32", preset="mini", model=dict(chunk_size=256, cema_ndim=16),
         train_books=20, seq_len=4096, batch_size=2, steps=360, warmup=30, eval_every=60, lr_grid=[2e-3, 4e-3],
         lr_check_steps=60, curve_bytes=16384, final_bytes=65536, ctx_doc_bytes=262144, ctx_score_tokens=4096,
