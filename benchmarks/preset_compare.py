@@ -35,14 +35,14 @@ from head_to_head import (
     write_slices,
 )
 
-# name -> (preset, overrides). mini-cema8 is the head-to-head's CPU model. tiny-3Mshape: `3M`'s choices (one head,
-# z = d / 2, SwiGLU with the FFN narrowed to keep the parameter count) at `tiny`'s width and depth.
+# name -> (preset, overrides). mini-cema8 is the head-to-head's CPU model; tiny-3Mshape is preset `11M` (`3M`'s
+# choices at `tiny`'s width and depth), under the name it was compared with.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "3M": ("3M", {}),
     "mini": ("mini", {}),
     "mini-cema8": ("mini", {"cema_ndim": 8}),
     "tiny": ("tiny", {}),
-    "tiny-3Mshape": ("tiny", {"num_heads": 1, "z_dim": 192, "swiglu": True, "ffn_hidden_dim": 640}),
+    "tiny-3Mshape": ("11M", {}),
 }
 
 

@@ -38,6 +38,14 @@ def test_3m_preset_is_the_jax_port_shape():
     assert MegalodonConfig.from_preset("3M", vocab_size=257).num_parameters() == 3_296_768
 
 
+def test_11m_preset_is_3m_shape_at_tiny_size():
+    tiny, big = MegalodonConfig.from_preset("tiny"), MegalodonConfig.from_preset("11M")
+    assert (big.num_layers, big.model_dim, big.value_dim, big.chunk_size) == (tiny.num_layers, tiny.model_dim,
+                                                                               tiny.value_dim, tiny.chunk_size)
+    assert (big.num_heads, big.z_dim, big.swiglu, big.ffn_hidden_dim) == (1, 192, True, 640)
+    assert big.num_parameters() == 11_437_440  # 11,438,208 with the trainer's 257-id byte vocabulary
+
+
 def test_reference_preset_counts():
     """Spec §1.7: mega200M 220.6M, mega1.3B 1.343B, mega7.3B 7,385,817,088 (V = 32000)."""
     assert round(MegalodonConfig.from_preset("200M").num_parameters() / 1e6, 1) == 220.6

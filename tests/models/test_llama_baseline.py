@@ -31,7 +31,7 @@ def small_llama(seed: int = 0) -> LlamaLM:
     return LlamaLM(llama_config_for(MegalodonConfig.from_preset("nano", **SMALL), 64)).double().eval()
 
 
-@pytest.mark.parametrize("preset", ["nano", "mini", "3M", "tiny", "200M"])
+@pytest.mark.parametrize("preset", ["nano", "mini", "3M", "tiny", "11M", "200M"])
 def test_parameter_count_matches_within_5_percent(preset):
     mcfg = MegalodonConfig.from_preset(preset)
     lcfg = llama_config_for(mcfg, 512)

@@ -181,6 +181,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                cema_ndim=16, chunk_size=128, norm_num_groups=32, vocab_size=256),
     "tiny": dict(num_layers=6, model_dim=384, z_dim=128, value_dim=768, num_heads=2, ffn_hidden_dim=1024,
                  cema_ndim=16, chunk_size=256, norm_num_groups=32, vocab_size=256),
+    # 3M's choices at tiny's width and depth (one head, z = d / 2, SwiGLU narrowed to keep the parameter count):
+    # lower BPB than `tiny` on the same tokens (docs/results.md, preset comparison)
+    "11M": dict(num_layers=6, model_dim=384, z_dim=192, value_dim=768, num_heads=1, ffn_hidden_dim=640, swiglu=True,
+                cema_ndim=16, chunk_size=256, norm_num_groups=32, vocab_size=256),
     "200M": dict(num_layers=12, model_dim=1024, z_dim=256, value_dim=2048, num_heads=1, ffn_hidden_dim=2560,
                  cema_ndim=16, chunk_size=2048, norm_num_groups=32, vocab_size=32000),
     "1.3B": dict(num_layers=24, model_dim=2048, z_dim=512, value_dim=4096, num_heads=2, ffn_hidden_dim=4864,
